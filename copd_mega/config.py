@@ -1,0 +1,357 @@
+"""Typed configuration: nested dataclasses are the schema, YAML files in ``configs/`` their saved form.
+
+``load_config(path, overrides)`` reads YAML, applies ``a.b.c=value`` overrides (values parsed as
+YAML scalars; list items addressed by index, ``branches.1.beta=0.5``), converts to dataclasses
+with type checks, and runs cross-field validation. Every error names the dotted path and the fix.
+Checks that need the world size (branches x TP x PP x DP) live in ``parallel.topology``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted path and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama/Qwen2-family decoder (RMSNorm, SwiGLU, RoPE, GQA) built as a Megatron GPTModel."""
+
+    family: str = "llama"  # llama | qwen2 (decides the HF export class; qwen2 implies qkv_bias)
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA: key/value heads
+    vocab_size: int = 128  # tokenizer's size; padded to a multiple of pad_vocab_to * TP
+    pad_vocab_to: int = 8
+    max_seq_length: int = 128
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class ParallelConfig:
+    """Per-branch grid; every branch has the same TP x PP x DP shape."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    backend: str = "auto"  # auto | nccl | gloo
+    micro_batch_size: int = 8  # sequences per forward-backward microbatch
+
+
+@dataclass
+class BranchConfig:
+    """One expert branch: a name, its capability data and its OPD weight."""
+
+    name: str = "text"
+    data: str = "arith"  # capability name (built-in synthetic) or a shard directory
+    beta: float = 1.0  # OPD advantage scale beta_k
+    merge_weight: float = 1.0  # relative weight in the final merge (normalised)
+
+
+@dataclass
+class TeachingConfig:
+    """The teaching graph: which branches distil into which."""
+
+    graph: str = "pairwise"  # pairwise | hub_spoke | ring | none
+    hub: str = ""  # hub branch name for hub_spoke
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # rollouts per prompt (G)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    kl_coef: float = 0.0  # KL to the initial (reference) policy; 0 = off as in the paper
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (uses old log-probs)
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class OPDConfig:
+    top_k: int = 10  # overlap@k telemetry and the teacher's returned top-k ids
+    prompts_per_peer: int = 4  # prompts drawn from each teaching peer's data per OPD step
+    samples_per_prompt: int = 2  # student rollouts per peer prompt
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8  # native prompts per branch per step (across its DP ranks)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str = "copd"  # copd | expert | mixed | static_opd | mopd
+    cycles: int = 2  # N
+    rl_steps: int = 3  # S_RL
+    opd_steps: int = 2  # S_OPD
+    student: str = ""  # static_opd / mopd: the branch that learns in the distillation phase
+    merge_every_cycle: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    """Next-token training on (prompt, answer) pairs that makes a base model from scratch."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    capabilities: list[str] = field(default_factory=list)  # empty: every branch's data
+    target_accuracy: float = 0.0  # stop early once held-out accuracy reaches this (0 = off)
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # shard root; empty: synthesise built-in data under RUN/data
+    n_train: int = 2000
+    n_eval: int = 64
+    seed: int = 1234
+    prompt_template: str = "{prompt}"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+    init_from: str = ""  # checkpoint directory to start every branch from (a base model)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "copd-mega"
+    progress: bool = True
+    log_all_ranks: bool = False
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    branches: list[BranchConfig] = field(default_factory=lambda: [BranchConfig()])
+    teaching: TeachingConfig = field(default_factory=TeachingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def branch_names(self) -> list[str]:
+        return [b.name for b in self.branches]
+
+    @property
+    def ranks_per_branch(self) -> int:
+        return self.parallel.tp * self.parallel.pp * self.parallel.dp
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _to_dataclass(value, tp, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+            raise ConfigError(
+                f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__}); "
+                f"fix the value in the YAML file or the {path}=... override"
+            )
+        return value
+    return value
+
+
+def _to_dataclass(data: dict, cls: type, path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = ", ".join(f"{path}.{k}".lstrip(".") for k in unknown)
+        raise ConfigError(
+            f"unknown config key {where}; valid keys under '{path or '<root>'}' are: "
+            f"{', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{path}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (its YAML form)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw mapping ``data`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: write it as dotted.key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_item(node, last, key)  # checks the index
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: list index {part!r} out of range (have {len(node)} items)")
+    return node[int(part)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (or the defaults), apply dotted overrides, type-check and validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config configs/<name>.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    else:
+        data = to_dict(Config())
+    for ov in overrides or []:
+        apply_override(data, ov)
+    cfg = _to_dataclass(data, Config)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.family": ("llama", "qwen2"),
+    "model.dtype": ("auto", "fp32", "bf16"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "teaching.graph": ("pairwise", "hub_spoke", "ring", "none"),
+    "grpo.loss_agg": ("token_mean", "seq_mean"),
+    "schedule.mode": ("copd", "expert", "mixed", "static_opd", "mopd"),
+    "logging.wandb": ("disabled", "offline", "online"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no world size. Raises ConfigError naming the setting."""
+    for dotted, allowed in _CHOICES.items():
+        if _get(cfg, dotted) not in allowed:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r}: use one of {', '.join(allowed)}")
+    positive = [
+        "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
+        "model.num_attention_heads", "model.num_query_groups", "model.vocab_size",
+        "model.max_seq_length", "parallel.tp", "parallel.pp", "parallel.dp",
+        "parallel.micro_batch_size", "grpo.group_size", "grpo.updates_per_batch",
+        "rollout.prompts_per_step", "rollout.max_new_tokens", "opd.top_k", "schedule.cycles",
+    ]  # fmt: skip
+    for dotted in positive:
+        if _get(cfg, dotted) <= 0:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be positive")
+    m = cfg.model
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups} (GQA needs whole groups)"
+        )
+    if m.family == "qwen2" and not m.qkv_bias:
+        raise ConfigError("model.family=qwen2 uses QKV bias: set model.qkv_bias=true")
+    if not cfg.branches:
+        raise ConfigError("branches: configure at least one branch")
+    names = cfg.branch_names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"branches: duplicate branch names {dupes}; give each a unique name")
+    if cfg.teaching.graph == "hub_spoke" and cfg.teaching.hub not in names:
+        raise ConfigError(
+            f"teaching.hub={cfg.teaching.hub!r} is not a branch; set it to one of {names}"
+        )
+    if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:
+        raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.temperature < 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
+    if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:
+        raise ConfigError("schedule.rl_steps and schedule.opd_steps must be >= 0")
+    if cfg.opd.top_k > m.vocab_size:
+        raise ConfigError(f"opd.top_k={cfg.opd.top_k} exceeds model.vocab_size={m.vocab_size}")
+    if sum(b.merge_weight for b in cfg.branches) <= 0 or any(
+        b.merge_weight < 0 for b in cfg.branches
+    ):
+        raise ConfigError("branches.*.merge_weight must be >= 0 with a positive sum")
