@@ -163,7 +163,7 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     """Initialise every parameter identically for any TP/PP split and every branch.
 
     Each matrix is drawn whole from a generator seeded by (cfg.seed, its global name), then this
-    rank keeps its TP slice (megatron's layout: contiguous chunks along ``partition_dim``).
+    rank keeps its TP slice (:func:`tp_slice`, megatron's layout).
     Normal(0, init_std) for weights, init_std/sqrt(2*layers) for output projections (megatron's
     scaled init), ones for norms, zeros for biases. Tied output weights reuse the embedding's name.
     """
@@ -186,8 +186,18 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
         sd = scaled if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
         full = torch.randn(_full_shape(param, tp), generator=gen) * sd
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
-            full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
+            full = tp_slice(full, tp, tp_rank, param.partition_dim, param.partition_stride)
         param.copy_(full.to(param.dtype))
+
+
+def tp_slice(full: torch.Tensor, tp: int, rank: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """TP rank ``rank``'s shard of an unsharded tensor, in megatron's layout.
+
+    With ``stride`` s the tensor is cut into s*tp pieces along ``dim`` and the rank keeps pieces
+    rank, rank+tp, ... (SwiGLU's fused fc1 has s=2: each rank holds [gate shard; up shard]).
+    """
+    pieces = full.chunk(stride * tp, dim=dim)
+    return torch.cat([pieces[rank + tp * i] for i in range(stride)], dim=dim)
 
 
 @dataclass
