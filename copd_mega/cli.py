@@ -12,7 +12,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
     "pretrain": ("copd_mega.pretrain", "next-token training that makes a tiny base model"),
-    "train": ("copd_mega.train", "run CoPD or a baseline mode (copd, expert, mixed, static_opd, mopd)"),
+    "train": (
+        "copd_mega.train",
+        "run CoPD or a baseline mode (copd, expert, mixed, static_opd, mopd)",
+    ),
     "eval": ("copd_mega.evaluate", "greedy pass@1 per capability for checkpoints"),
     "demo": ("copd_mega.demo", "the embedded default job: data, base, CoPD, merge, eval, plots"),
     "report": ("copd_mega.report", "plots and tables from run directories"),

@@ -55,9 +55,7 @@ def choose_backend(requested: str = "auto") -> str:
     return requested
 
 
-def init_distributed(
-    backend: str = "auto", timeout_s: float = 600.0, seed: int = 0
-) -> LaunchEnv:
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0, seed: int = 0) -> LaunchEnv:
     """Initialise torch.distributed for this process and return its launch environment.
 
     Single-process runs get a world of one (``MASTER_ADDR``/``MASTER_PORT`` default to a

@@ -14,7 +14,7 @@ rank's :class:`Topology`. Megatron's global ``parallel_state`` is never initiali
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -94,6 +94,7 @@ def teaching_edges(names: list[str], graph: str, hub: str = "") -> list[tuple[st
 
 def _local_groups(tp: int, pp: int, dp: int, dim: str) -> list[list[int]]:
     """Local-rank groups varying along ``dim`` (tp | pp | dp), in megatron's enumeration order."""
+
     def loc(t: int, p: int, d: int) -> int:
         return t + tp * (p + pp * d)
 
@@ -118,7 +119,9 @@ def check_model_fits(cfg: Config) -> None:
             "each TP rank needs whole key/value groups"
         )
     if m.ffn_hidden_size % p.tp:
-        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+        raise ConfigError(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}"
+        )
     if m.num_layers % p.pp:
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "
@@ -173,7 +176,6 @@ class Topology:
     pg: object  # megatron ProcessGroupCollection of this rank's branch
     peer_group: dist.ProcessGroup  # ranks with this coordinate in every branch
     branch_group: dist.ProcessGroup  # every rank of this branch
-    pair_groups: dict[tuple[str, str], dist.ProcessGroup] = field(default_factory=dict)
 
     @property
     def is_branch_leader(self) -> bool:
@@ -221,8 +223,8 @@ def _build_branch_pgs(layout: Layout, branch: BranchLayout):
 def build_topology(cfg: Config, world_size: int | None = None) -> Topology:
     """Create every group on every rank in a fixed order and return this rank's view.
 
-    Order: each branch's megatron groups (branch 0 first), then the peer groups, then one
-    two-rank group per teaching pair and coordinate. Asserts megatron's global parallel state
+    Order: each branch's megatron groups (branch 0 first), then the peer groups. Peer scoring
+    uses point-to-point between the two ranks that need it, so it needs no group. Asserts megatron's global parallel state
     is not initialised: everything takes its groups explicitly.
     """
     from megatron.core import parallel_state
@@ -245,16 +247,5 @@ def build_topology(cfg: Config, world_size: int | None = None) -> Topology:
         grp = dist.new_group(ranks)
         if rank in ranks:
             peer_group = grp
-    pair_groups: dict[tuple[str, str], dist.ProcessGroup] = {}
-    names = [b.name for b in layout.branches]
-    pairs = sorted({tuple(sorted(e, key=names.index)) for e in layout.edges}, key=str)
-    for a, b in pairs:
-        for local in range(layout.ranks_per_branch):
-            ranks = [layout.peer_rank(local, a), layout.peer_rank(local, b)]
-            grp = dist.new_group(ranks)
-            if rank in ranks:
-                pair_groups[(a, b)] = pair_groups[(b, a)] = grp
     tp_rank, pp_rank, dp_rank = layout.coords(rank)
-    return Topology(
-        layout, rank, mine, tp_rank, pp_rank, dp_rank, pgc, peer_group, branch_group, pair_groups
-    )
+    return Topology(layout, rank, mine, tp_rank, pp_rank, dp_rank, pgc, peer_group, branch_group)

@@ -45,4 +45,6 @@ def spawn(fn, nprocs: int, *args, timeout: float = 600.0) -> list:
                 for p in ctx.processes:
                     p.kill()
                 raise TimeoutError(f"{fn.__name__} on {nprocs} ranks exceeded {timeout:.0f}s")
-        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(nprocs)]
+        return [
+            torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(nprocs)
+        ]

@@ -11,7 +11,7 @@ TWO_BRANCHES = "branches=[{name: a, data: arith}, {name: b, data: reverse}]"
 
 
 def test_two_branches_tp2_match_tp1():
-    (ref_name, ref), = spawn(tp_logits, 1, [])
+    ((ref_name, ref),) = spawn(tp_logits, 1, [])
     results = spawn(tp_logits, 4, [TWO_BRANCHES, "parallel.tp=2"])
     assert [r[0] for r in results] == ["a", "a", "b", "b"]
     for _, logits in results:
@@ -24,7 +24,7 @@ def test_pp2_schedule_matches_pp1():
     first, last = spawn(pp_training, 2, [*overrides, "parallel.pp=2"])
     assert first == [] and len(last) == 3
     assert pp1[0] > pp1[-1], "loss should fall over 3 steps"
-    for a, b in zip(pp1, last):
+    for a, b in zip(pp1, last, strict=True):
         assert abs(a - b) < 1e-5
 
 

@@ -8,7 +8,7 @@ from copd_mega.plan import main as plan_main
 
 
 def three_branches(graph="hub_spoke", hub="text", tp=2, pp=1, dp=2, extra=()):
-    branches = '[{name: text, data: arith}, {name: image, data: image}, {name: video, data: video}]'
+    branches = "[{name: text, data: arith}, {name: image, data: image}, {name: video, data: video}]"
     return load_config(
         None,
         [f"branches={branches}", f"teaching.graph={graph}", f"teaching.hub={hub}",
@@ -60,8 +60,10 @@ def test_teaching_graphs():
     ],
 )  # fmt: skip
 def test_layout_errors_say_what_to_change(overrides, world, fragment):
-    cfg = three_branches(extra=overrides) if "parallel.pp=2" not in overrides else three_branches(
-        pp=2, extra=[o for o in overrides if not o.startswith("parallel.pp")]
+    cfg = (
+        three_branches(extra=overrides)
+        if "parallel.pp=2" not in overrides
+        else three_branches(pp=2, extra=[o for o in overrides if not o.startswith("parallel.pp")])
     )
     with pytest.raises(ConfigError, match=fragment):
         plan_layout(cfg, world)
