@@ -45,7 +45,11 @@ def to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+    if (
+        arr.dtype != np.uint8
+        or arr.ndim not in (2, 3)
+        or (arr.ndim == 3 and arr.shape[2] not in (3, 4))
+    ):
         raise ValueError(
             f"images must be PIL images or uint8 arrays [H, W] or [H, W, 3|4], got dtype={arr.dtype} "
             f"shape={arr.shape}"
@@ -102,7 +106,9 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
     arrays = [np.asarray(to_pil(f).convert("RGB")) for f in frames]
     height, width = arrays[0].shape[:2]
     if height % 2 or width % 2:
-        raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}; pad or resize the frames")
+        raise ValueError(
+            f"H.264 needs even frame sizes, got {width}x{height}; pad or resize the frames"
+        )
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -110,7 +116,9 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
         stream.options = {"crf": "12", "preset": "fast", "threads": "1"}
         for arr in arrays:
             if arr.shape[:2] != (height, width):
-                raise ValueError(f"all frames must be {width}x{height}, got {arr.shape[1]}x{arr.shape[0]}")
+                raise ValueError(
+                    f"all frames must be {width}x{height}, got {arr.shape[1]}x{arr.shape[0]}"
+                )
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -150,7 +158,9 @@ def video_frame_count(data: bytes) -> int:
     return _decode_selected(data, set())[0]
 
 
-def decode_video(data: bytes, num_frames: int | None, image_size: int | None = None) -> torch.Tensor:
+def decode_video(
+    data: bytes, num_frames: int | None, image_size: int | None = None
+) -> torch.Tensor:
     """Decode an mp4 and sample `num_frames` frames with `frame_indices`.
 
     The frame count comes from the container header; when decoding finds a different count the

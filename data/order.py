@@ -28,6 +28,8 @@ def rank_span(num_samples: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
     Returns:
         `(start, end)` with `end - start` equal to `num_samples // dp_size` or one more.
     """
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
     return dp_rank * num_samples // dp_size, (dp_rank + 1) * num_samples // dp_size
@@ -48,7 +50,9 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
     return _rng(seed, epoch, 0).permutation(num_shards).tolist()
 
 
-def window_permutation(size: int, seed: int, epoch: int, window: int, shuffle: bool = True) -> np.ndarray:
+def window_permutation(
+    size: int, seed: int, epoch: int, window: int, shuffle: bool = True
+) -> np.ndarray:
     """Order of the `size` samples of window `window` in epoch `epoch`.
 
     Returns:
@@ -66,7 +70,9 @@ class EpochPlan:
     `window` shards' samples).
     """
 
-    def __init__(self, counts: Sequence[int], seed: int, epoch: int, window: int, shuffle: bool = True):
+    def __init__(
+        self, counts: Sequence[int], seed: int, epoch: int, window: int, shuffle: bool = True
+    ):
         if window < 1:
             raise ValueError(f"shuffle window must be >= 1 shard, got {window}")
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
+from PIL import Image
 
 from copd_mega.data.media import ImageLike, decode_image, decode_video, encode_png, frame_indices
 
@@ -44,7 +45,9 @@ def check_record(record: dict, where: str) -> None:
     """Raise ValueError (prefixed with `where`) unless `record` has the required string fields."""
     for field in REQUIRED_FIELDS:
         if not isinstance(record.get(field), str):
-            raise ValueError(f"{where}: field {field!r} must be a string, got {record.get(field)!r}")
+            raise ValueError(
+                f"{where}: field {field!r} must be a string, got {record.get(field)!r}"
+            )
     if record["reward_type"] not in REWARD_TYPES:
         raise ValueError(
             f"{where}: reward_type {record['reward_type']!r} is not one of {list(REWARD_TYPES)}"
@@ -58,7 +61,9 @@ def _image_member(image: ImageLike | bytes, name: str) -> tuple[str, bytes]:
             return f"{name}.png", bytes(image)
         if image[:2] == b"\xff\xd8":
             return f"{name}.jpg", bytes(image)
-        raise ValueError(f"image bytes for {name} are neither PNG nor JPEG; pass a PIL image instead")
+        raise ValueError(
+            f"image bytes for {name} are neither PNG nor JPEG; pass a PIL image instead"
+        )
     return f"{name}.png", encode_png(image)
 
 
@@ -90,7 +95,9 @@ def encode_sample(sample: dict) -> dict[str, bytes]:
     return members
 
 
-def decode_sample(members: dict[str, bytes], num_frames: int | None, image_size: int | None) -> dict:
+def decode_sample(
+    members: dict[str, bytes], num_frames: int | None, image_size: int | None
+) -> dict:
     """Decode one sample's members (suffix -> bytes) into model-ready values.
 
     Returns:
@@ -130,7 +137,9 @@ def decode_sample(members: dict[str, bytes], num_frames: int | None, image_size:
         ordered = [suffix for _, suffix in sorted(frame_members)]
         try:
             picks = frame_indices(len(ordered), num_frames)
-            record["frames"] = torch.stack([decode_image(members[ordered[i]], image_size) for i in picks])
+            record["frames"] = torch.stack(
+                [decode_image(members[ordered[i]], image_size) for i in picks]
+            )
         except Exception as exn:
             raise BadSample("video", f"undecodable video frames: {exn}") from exn
     return record
@@ -207,14 +216,14 @@ def _media_file(media_dir: Path, name: object, where: str, field: str) -> Path:
         raise ValueError(f"{where}: {field} entries must be file names, got {name!r}")
     path = media_dir / name
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {field} file {path} not found (media files are looked up in --media {media_dir})")
+        raise FileNotFoundError(
+            f"{where}: {field} file {path} not found (media files are looked up in --media {media_dir})"
+        )
     return path
 
 
 def _read_image_file(path: Path, where: str) -> bytes:
     """PNG/JPEG bytes pass through after a decode check; other formats are re-encoded as PNG."""
-    from PIL import Image
-
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -243,14 +252,20 @@ def _record_from_line(line: str, lineno: int, jsonl_path: Path, media_dir: Path)
         names = [images] if isinstance(images, str) else images
         if not isinstance(names, list):
             raise ValueError(f"{where}: images must be a file name or a list of file names")
-        record["images"] = [_read_image_file(_media_file(media_dir, n, where, "images"), where) for n in names]
+        record["images"] = [
+            _read_image_file(_media_file(media_dir, n, where, "images"), where) for n in names
+        ]
     video = record.pop("video", None)
     if isinstance(video, list):
-        record["frames"] = [_read_image_file(_media_file(media_dir, n, where, "video"), where) for n in video]
+        record["frames"] = [
+            _read_image_file(_media_file(media_dir, n, where, "video"), where) for n in video
+        ]
     elif video is not None:
         path = _media_file(media_dir, video, where, "video")
         if path.suffix.lower() != ".mp4":
-            raise ValueError(f"{where}: video {path} is not .mp4; convert it (ffmpeg -i {path.name} out.mp4)")
+            raise ValueError(
+                f"{where}: video {path} is not .mp4; convert it (ffmpeg -i {path.name} out.mp4)"
+            )
         data = path.read_bytes()
         try:
             decode_video(data, 1)

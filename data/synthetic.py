@@ -80,8 +80,8 @@ class Problem:
     key: str
     prompt: str
     answer: str
-    images: list[Image.Image] | None = None
-    video: bytes | None = None
+    # media are rendered only once the problem's key has landed in the wanted split
+    render: Callable[[], dict] | None = None
 
 
 def split_of(capability: str, problem_key: str) -> str:
@@ -126,19 +126,25 @@ def _image(rng: random.Random, opt: SynthOptions) -> Problem:
     """Count 1..max_shapes squares and discs, one per cell of a 3x3 grid."""
     count = rng.randint(1, opt.max_shapes)
     cell = opt.image_size // 3
-    canvas = Image.new("RGB", (opt.image_size, opt.image_size))
-    draw = ImageDraw.Draw(canvas)
-    parts = []
+    shapes = []
     for pos in sorted(rng.sample(range(9), count)):
         size = rng.randint(max(3, cell // 2), cell - 2)
         x = (pos % 3) * cell + rng.randint(1, cell - size - 1)
         y = (pos // 3) * cell + rng.randint(1, cell - size - 1)
-        kind, color = rng.choice(("square", "disc")), _color(rng)
-        box = (x, y, x + size - 1, y + size - 1)
-        (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=color)
-        parts.append(f"{kind}{box}{color}")
+        shapes.append(
+            (rng.choice(("square", "disc")), (x, y, x + size - 1, y + size - 1), _color(rng))
+        )
+
+    def render() -> dict:
+        canvas = Image.new("RGB", (opt.image_size, opt.image_size))
+        draw = ImageDraw.Draw(canvas)
+        for kind, box, color in shapes:
+            (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=color)
+        return {"images": [canvas]}
+
+    key = ";".join(f"{kind}{box}{color}" for kind, box, color in shapes)
     prompt = "Q: How many shapes are in the image?\nA:"
-    return Problem(";".join(parts), prompt, str(count), images=[canvas])
+    return Problem(key, prompt, str(count), render)
 
 
 def _video(rng: random.Random, opt: SynthOptions) -> Problem:
@@ -148,19 +154,25 @@ def _video(rng: random.Random, opt: SynthOptions) -> Problem:
     step = rng.randint(1, max(1, (side - size) // (n - 1)))
     travel = step * (n - 1)
     direction = rng.choice(DIRECTIONS)
-    dx, dy = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[direction]
+    dx, dy = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[
+        direction
+    ]
     lo_x, hi_x = (travel, side - size) if dx < 0 else (0, side - size - (travel if dx > 0 else 0))
     lo_y, hi_y = (travel, side - size) if dy < 0 else (0, side - size - (travel if dy > 0 else 0))
     x0, y0, color = rng.randint(lo_x, hi_x), rng.randint(lo_y, hi_y), _color(rng)
-    frames = []
-    for t in range(n):
-        frame = np.zeros((side, side, 3), dtype=np.uint8)
-        x, y = x0 + dx * t, y0 + dy * t
-        frame[y : y + size, x : x + size] = color
-        frames.append(frame)
+
+    def render() -> dict:
+        frames = []
+        for t in range(n):
+            frame = np.zeros((side, side, 3), dtype=np.uint8)
+            x, y = x0 + dx * t, y0 + dy * t
+            frame[y : y + size, x : x + size] = color
+            frames.append(frame)
+        return {"video": encode_mp4(frames)}
+
     key = f"{direction}:{x0},{y0}:{step}:{size}:{color}:{n}"
     prompt = "Q: Which way does the square move? Answer left, right, up or down.\nA:"
-    return Problem(key, prompt, direction, video=encode_mp4(frames))
+    return Problem(key, prompt, direction, render)
 
 
 _MAKERS: dict[str, tuple[Callable[[random.Random, SynthOptions], Problem], str]] = {
@@ -206,10 +218,8 @@ def make_sample(
         "reward_type": reward_type,
         "capability": capability,
     }
-    if problem.images is not None:
-        sample["images"] = problem.images
-    if problem.video is not None:
-        sample["video"] = problem.video
+    if problem.render is not None:
+        sample.update(problem.render())
     return sample
 
 

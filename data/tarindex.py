@@ -8,7 +8,9 @@ for is reported. Samples are grouped by webdataset's own key rule (`base_plus_ex
 the member name up to its first dot), so keys mean the same as in any webdataset pipeline.
 
 A lost header may have belonged to the sample before the unreadable range or to the one after
-it; both are marked damaged, so a sample that silently lost an image is never used.
+it; both are marked damaged, so a sample that silently lost an image is never used, and the
+range itself becomes one damaged slot (it may have held whole samples). One corrupt header thus
+costs up to three slots, all counted as bad by the reader.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
                     problems.append(note)
                     if current is not None:
                         current.damage = current.damage or note
-                    damage_next = note
+                    # the lost range may have held whole samples: keep one slot for it, so the
+                    # loss is counted when the reader reaches it
+                    samples.append(SampleEntry(f"<unreadable@{expected}>", expected, damage=note))
+                    current, damage_next = None, note
                 expected = info.offset_data + -(-info.size // BLOCK) * BLOCK
                 if not info.isreg():
                     continue

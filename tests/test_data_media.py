@@ -1,0 +1,82 @@
+"""frame_indices and video decoding: deterministic, and the decoded frames are the indexed ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from copd_mega.data.media import decode_image, decode_video, encode_mp4, encode_png, frame_indices
+from copd_mega.data.reader import ShardReader
+from copd_mega.data.shards import write_shards
+
+LEVELS = [10 + 20 * t for t in range(12)]  # frame t is a flat grey of LEVELS[t]
+
+
+def _grey_frames() -> list[np.ndarray]:
+    return [np.full((16, 16, 3), level, np.uint8) for level in LEVELS]
+
+
+def _levels(frames: torch.Tensor) -> list[int]:
+    return [round(float(f.mean()) * 255) for f in frames]
+
+
+def test_frame_indices_are_uniform_and_pure():
+    assert frame_indices(12, 4) == [1, 4, 7, 10]
+    assert frame_indices(8, 8) == list(range(8))
+    assert frame_indices(3, None) == [0, 1, 2]
+    assert frame_indices(2, 5) == [0, 0, 1, 1, 1]  # more frames asked than stored: repeats
+    for total in range(1, 40):
+        for n in range(1, 12):
+            idx = frame_indices(total, n)
+            assert len(idx) == n and idx == sorted(idx) and 0 <= idx[0] and idx[-1] < total
+    with pytest.raises(ValueError, match="at least one frame"):
+        frame_indices(0, 4)
+    with pytest.raises(ValueError, match="num_frames"):
+        frame_indices(5, 0)
+
+
+def test_video_decodes_identically_twice_and_matches_frame_indices():
+    mp4 = encode_mp4(_grey_frames())
+    assert encode_mp4(_grey_frames()) == mp4
+    first, second = decode_video(mp4, 4), decode_video(mp4, 4)
+    assert first.shape == (4, 3, 16, 16) and first.dtype == torch.float32
+    assert torch.equal(first, second)
+    expected = [LEVELS[i] for i in frame_indices(len(LEVELS), 4)]
+    assert all(abs(a - b) <= 3 for a, b in zip(_levels(first), expected, strict=True))
+    assert decode_video(mp4, None, image_size=8).shape == (12, 3, 8, 8)
+
+
+def test_image_decode_shape_range_and_resize():
+    image = np.zeros((6, 10, 3), np.uint8)
+    image[:, :5] = 255
+    tensor = decode_image(encode_png(image))
+    assert tensor.shape == (3, 6, 10) and tensor.dtype == torch.float32
+    assert tensor.min() == 0.0 and tensor.max() == 1.0
+    assert decode_image(encode_png(image), image_size=4).shape == (3, 4, 4)
+
+
+def test_reader_gives_the_same_frames_for_mp4_and_frame_sequences(tmp_path):
+    base = {
+        "prompt": "Q: which way?\nA:",
+        "answer": "up",
+        "reward_type": "choice",
+        "capability": "video",
+    }
+    samples = [
+        {**base, "id": "mp4", "video": encode_mp4(_grey_frames())},
+        {**base, "id": "seq", "frames": _grey_frames()},
+    ]
+    paths = write_shards(samples, tmp_path, "video", 10)
+    expected = [LEVELS[i] for i in frame_indices(len(LEVELS), 5)]
+    reads = [
+        ShardReader(paths, 0, 1, seed=0, num_frames=5, shuffle=False).next_batch(2)
+        for _ in range(2)
+    ]
+    for got in reads:
+        for sample in got:
+            assert sample["frames"].shape == (5, 3, 16, 16) and sample["images"] == []
+            assert all(
+                abs(a - b) <= 3 for a, b in zip(_levels(sample["frames"]), expected, strict=True)
+            )
+    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(*reads, strict=True))
