@@ -128,7 +128,9 @@ def expand_sequence_advantages(adv: Tensor, mask: Tensor) -> Tensor:
         [N, T] advantages (dtype of ``adv``, at least float32), 0 outside the mask.
     """
     if adv.dim() != 1 or mask.dim() != 2 or adv.shape[0] != mask.shape[0]:
-        raise ValueError(f"expected adv [N] and mask [N, T], got {tuple(adv.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected adv [N] and mask [N, T], got {tuple(adv.shape)}, {tuple(mask.shape)}"
+        )
     a = adv.detach().to(_float_dtype(adv))[:, None].expand(mask.shape)
     return torch.where(mask.bool(), a, 0.0)
 
@@ -151,7 +153,9 @@ def loss_normalizer(mask: Tensor, agg: Aggregation = "token_mean") -> int:
 def _aggregate(per_token: Tensor, m: Tensor, agg: str, normalizer: float | None) -> Tensor:
     """Reduce a masked [N, T] per-token loss (already 0 outside ``m``) to a scalar."""
     if normalizer is not None and not normalizer > 0:
-        raise ValueError(f"normalizer must be > 0 (a global count of tokens/sequences), got {normalizer}")
+        raise ValueError(
+            f"normalizer must be > 0 (a global count of tokens/sequences), got {normalizer}"
+        )
     if agg == "token_mean":
         denom = normalizer if normalizer is not None else m.sum().clamp(min=1)
         return per_token.sum() / denom
@@ -205,7 +209,9 @@ def clipped_surrogate_loss(
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(logp.shape)
     if advantages.shape != logp.shape:
-        raise ValueError(f"advantages must be [N] or [N, T]={tuple(logp.shape)}, got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be [N] or [N, T]={tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
     # Zero every masked-out input *before* arithmetic: where() blocks NaN in the forward pass,
     # but a NaN/inf operand would still turn the zero upstream gradient into NaN.
     adv = torch.where(m, advantages.detach().to(dtype), 0.0)
@@ -258,7 +264,9 @@ def topk_overlap(student_topk: Tensor, teacher_topk: Tensor, mask: Tensor) -> Te
             f"and {tuple(teacher_topk.shape)}"
         )
     if tuple(mask.shape) != tuple(student_topk.shape[:2]):
-        raise ValueError(f"mask must be [N, T]={tuple(student_topk.shape[:2])}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be [N, T]={tuple(student_topk.shape[:2])}, got {tuple(mask.shape)}"
+        )
     k = student_topk.shape[-1]
     ids, _ = torch.sort(torch.cat([student_topk, teacher_topk], dim=-1), dim=-1)
     shared = (ids[..., 1:] == ids[..., :-1]).sum(dim=-1)

@@ -69,7 +69,9 @@ def _check_copd_edges(branches: list[str], edges: list[Edge]) -> None:
     known = set(branches)
     for s, t in edges:
         if s not in known or t not in known or s == t:
-            raise ValueError(f"teaching edge ({s!r}, {t!r}) must join two different branches of {branches}")
+            raise ValueError(
+                f"teaching edge ({s!r}, {t!r}) must join two different branches of {branches}"
+            )
     if len(set(edges)) != len(edges):
         raise ValueError(f"teaching edges contain duplicates: {edges}")
     one_way = [(s, t) for s, t in edges if (t, s) not in set(edges)]
@@ -99,7 +101,9 @@ def _check_student(mode: str, branches: list[str], student: str | None) -> None:
             f"2 branches, got {len(branches)} {branches}; use schedule.mode=mopd for more teachers"
         )
     if mode == "mopd" and len(branches) < 2:
-        raise ValueError(f"schedule.mode=mopd needs >= 2 branches (a student and teachers), got {branches}")
+        raise ValueError(
+            f"schedule.mode=mopd needs >= 2 branches (a student and teachers), got {branches}"
+        )
 
 
 def _validate(
@@ -119,9 +123,13 @@ def _validate(
     _check_count("rl_steps", rl_steps, 0)
     _check_count("opd_steps", opd_steps, 0)
     if mode in ("copd", "static_opd", "mopd"):
-        _check_count("opd_steps", opd_steps, 1, f" for schedule.mode={mode} (it distils in OPD steps)")
+        _check_count(
+            "opd_steps", opd_steps, 1, f" for schedule.mode={mode} (it distils in OPD steps)"
+        )
     if mode == "expert" and rl_steps + opd_steps < 1:
-        raise ValueError("schedule.mode=expert runs cycles * (rl_steps + opd_steps) steps; set schedule.rl_steps >= 1")
+        raise ValueError(
+            "schedule.mode=expert runs cycles * (rl_steps + opd_steps) steps; set schedule.rl_steps >= 1"
+        )
     if mode == "mixed":
         if len(branches) != 1:
             raise ValueError(
@@ -135,7 +143,9 @@ def _validate(
             )
         _check_count("mixed_steps", mixed_steps, 1)
     elif mixed_steps is not None:
-        raise ValueError(f"schedule.mixed_steps is only used by schedule.mode=mixed, not {mode}; remove it")
+        raise ValueError(
+            f"schedule.mixed_steps is only used by schedule.mode=mixed, not {mode}; remove it"
+        )
     if mode == "copd":
         _check_copd_edges(branches, edges)
     _check_student(mode, branches, student)
@@ -156,7 +166,9 @@ def _cycled(
     ]
 
 
-def _copd_plan(branches: tuple[str, ...], edges: tuple[Edge, ...], cycles: int, rl: int, opd: int) -> list[StepPlan]:
+def _copd_plan(
+    branches: tuple[str, ...], edges: tuple[Edge, ...], cycles: int, rl: int, opd: int
+) -> list[StepPlan]:
     plan: list[StepPlan] = []
     for c in range(cycles):
         for i in range(rl + opd):
@@ -175,12 +187,30 @@ def _copd_plan(branches: tuple[str, ...], edges: tuple[Edge, ...], cycles: int, 
     return plan
 
 
-def _distil_plan(branches: tuple[str, ...], student: str, cycles: int, rl: int, opd: int) -> list[StepPlan]:
+def _distil_plan(
+    branches: tuple[str, ...], student: str, cycles: int, rl: int, opd: int
+) -> list[StepPlan]:
     """static_opd / mopd: experts first, then ``student`` learns from every other (frozen) branch."""
-    experts = _cycled(cycles * rl, max(rl, 1), 0, 0, phase="rl", learners=branches, edges=(), frozen_teachers=False)
+    experts = _cycled(
+        cycles * rl,
+        max(rl, 1),
+        0,
+        0,
+        phase="rl",
+        learners=branches,
+        edges=(),
+        frozen_teachers=False,
+    )
     edges = tuple((student, t) for t in branches if t != student)
     distil = _cycled(
-        cycles * opd, opd, len(experts), cycles, phase="opd", learners=(student,), edges=edges, frozen_teachers=True
+        cycles * opd,
+        opd,
+        len(experts),
+        cycles,
+        phase="opd",
+        learners=(student,),
+        edges=edges,
+        frozen_teachers=True,
     )
     return experts + distil
 
@@ -216,9 +246,27 @@ def build_plan(
     if mode == "copd":
         return _copd_plan(names, tuple(edges), cycles, rl_steps, opd_steps)
     if mode == "expert":
-        return _cycled(cycles * cycle_len, cycle_len, 0, 0, phase="rl", learners=names, edges=(), frozen_teachers=False)
+        return _cycled(
+            cycles * cycle_len,
+            cycle_len,
+            0,
+            0,
+            phase="rl",
+            learners=names,
+            edges=(),
+            frozen_teachers=False,
+        )
     if mode == "mixed":
-        return _cycled(mixed_steps, max(cycle_len, 1), 0, 0, phase="rl", learners=names, edges=(), frozen_teachers=False)
+        return _cycled(
+            mixed_steps,
+            max(cycle_len, 1),
+            0,
+            0,
+            phase="rl",
+            learners=names,
+            edges=(),
+            frozen_teachers=False,
+        )
     return _distil_plan(names, student, cycles, rl_steps, opd_steps)
 
 

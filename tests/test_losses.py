@@ -20,7 +20,12 @@ NAN = float("nan")
 
 
 def close(a, b, tol=1e-5):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64),
+        torch.as_tensor(b, dtype=torch.float64),
+        atol=tol,
+        rtol=0,
+    )
 
 
 # --- GRPO advantages -------------------------------------------------------------------------
@@ -139,7 +144,9 @@ def test_sequence_advantages_broadcast_like_expanded():
     mask = torch.ones(2, 2)
     a = torch.tensor([1.0, -1.0])
     l1, m1 = clipped_surrogate_loss(logp, torch.zeros(2, 2), a, mask)
-    l2, m2 = clipped_surrogate_loss(logp, torch.zeros(2, 2), expand_sequence_advantages(a, mask), mask)
+    l2, m2 = clipped_surrogate_loss(
+        logp, torch.zeros(2, 2), expand_sequence_advantages(a, mask), mask
+    )
     assert torch.equal(l1, l2) and m1 == m2
     # rho*A with clipping: row 0 -> min(1.5,1.28)=1.28, min(0.5,0.8)=0.5; row 1 -> -1.1, -0.8
     assert close(l1, -(1.28 + 0.5 - 1.1 - 0.8) / 4)
@@ -150,7 +157,9 @@ def test_grpo_and_opd_rows_in_one_batch():
     # With rho = 1 the loss is -mean(A) over masked tokens = -(0.5 + 0.5 + 0.25 - 0.5 + 1)/5.
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     grpo = expand_sequence_advantages(torch.tensor([0.5]), mask[:1])
-    opd = opd_advantages(torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, -1.0]]), 0.5, mask[1:])
+    opd = opd_advantages(
+        torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, -1.0]]), 0.5, mask[1:]
+    )
     adv = torch.cat([grpo, opd])  # [[0.5, 0.5, 0], [0.25, -0.5, 0.5]]
     logp = torch.zeros(2, 3)
     loss, _ = clipped_surrogate_loss(logp, logp, adv, mask)
@@ -198,13 +207,17 @@ def test_k3_kl_term():
     # Token 1: logp = ref -> k3 = 0. token_mean loss = 0.1 * 0.306853 / 2 = 0.0153426.
     logp = torch.tensor([[math.log(0.5), 0.0]], requires_grad=True)
     ref = torch.zeros(1, 2)
-    loss, metrics = clipped_surrogate_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logp=ref, kl_coef=0.1)
+    loss, metrics = clipped_surrogate_loss(
+        logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logp=ref, kl_coef=0.1
+    )
     assert close(loss, 0.0153426)
     assert close(metrics["kl"], 0.1534265)
     # d k3 / d logp = 1 - e^d = 1 - 2 = -1 -> grad = 0.1 * -1 / 2 = -0.05 on token 0.
     loss.backward()
     assert close(logp.grad, [[-0.05, 0.0]])
-    _, no_kl = clipped_surrogate_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logp=ref)
+    _, no_kl = clipped_surrogate_loss(
+        logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logp=ref
+    )
     assert "kl" not in no_kl
 
 
@@ -215,7 +228,9 @@ def test_nan_safety_under_masked_inf():
     adv = torch.tensor([[1.0, NAN, INF], [-1.0, 2.0, NAN]])
     mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
     for agg in ("token_mean", "seq_mean"):
-        loss, metrics = clipped_surrogate_loss(logp, old, adv, mask, agg=agg, ref_logp=ref, kl_coef=0.1)
+        loss, metrics = clipped_surrogate_loss(
+            logp, old, adv, mask, agg=agg, ref_logp=ref, kl_coef=0.1
+        )
         (grad,) = torch.autograd.grad(loss, logp)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         assert torch.equal(grad[mask == 0], torch.zeros(3))

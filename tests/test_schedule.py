@@ -99,14 +99,26 @@ def test_resume_round_trip():
     [
         (dict(mode="bogus", branches=BR2), "schedule.mode"),
         (dict(mode="copd", branches=BR2, edges=HUB3[:2], cycles=0, opd_steps=1), "schedule.cycles"),
-        (dict(mode="copd", branches=BR2, edges=HUB3[:2], rl_steps=-1, opd_steps=1), "schedule.rl_steps"),
-        (dict(mode="copd", branches=BR2, edges=HUB3[:2], rl_steps=2, opd_steps=0), "schedule.opd_steps"),
-        (dict(mode="copd", branches=BR2, edges=HUB3[:2], cycles=1.5, opd_steps=1), "schedule.cycles"),
+        (
+            dict(mode="copd", branches=BR2, edges=HUB3[:2], rl_steps=-1, opd_steps=1),
+            "schedule.rl_steps",
+        ),
+        (
+            dict(mode="copd", branches=BR2, edges=HUB3[:2], rl_steps=2, opd_steps=0),
+            "schedule.opd_steps",
+        ),
+        (
+            dict(mode="copd", branches=BR2, edges=HUB3[:2], cycles=1.5, opd_steps=1),
+            "schedule.cycles",
+        ),
         (dict(mode="expert", branches=BR2), "schedule.rl_steps"),
         (dict(mode="static_opd", branches=BR2, opd_steps=1), "schedule.student"),
         (dict(mode="static_opd", branches=BR2, opd_steps=1, student="audio"), "schedule.student"),
         (dict(mode="mopd", branches=BR2, opd_steps=1, student=None), "schedule.student"),
-        (dict(mode="copd", branches=BR2, edges=HUB3[:2], opd_steps=1, student="text"), "schedule.student"),
+        (
+            dict(mode="copd", branches=BR2, edges=HUB3[:2], opd_steps=1, student="text"),
+            "schedule.student",
+        ),
         (dict(mode="expert", branches=BR2, rl_steps=1, mixed_steps=3), "schedule.mixed_steps"),
     ],
 )
