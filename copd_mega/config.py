@@ -128,7 +128,9 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     capabilities: list[str] = field(default_factory=list)  # empty: every branch's data
-    target_accuracy: float = 0.0  # stop early once held-out accuracy reaches this (0 = off)
+    target_accuracy: float = 0.0  # stop once mean held-out accuracy reaches this (0 = off)
+    eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
+    eval_limit: int = 64  # held-out samples per capability in those evaluations
 
 
 @dataclass
@@ -145,6 +147,7 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     init_from: str = ""  # checkpoint directory to start every branch from (a base model)
+    resume: bool = False  # continue from RUN/checkpoints/latest (also `copd train --resume`)
 
 
 @dataclass

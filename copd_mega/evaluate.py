@@ -1,0 +1,106 @@
+"""Greedy pass@1 per capability on held-out data; ``copd eval`` for saved model checkpoints.
+
+Each DP rank of a branch evaluates its share of the eval split (read in file order); sums are
+reduced over the branch's DP group, so every rank returns the same accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+from copd_mega.datasets import capabilities_of, make_reader
+from copd_mega.judge import Judge
+from copd_mega.rollout import SamplingParams
+from copd_mega.runtime import Runtime
+
+
+@torch.no_grad()
+def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0) -> dict:
+    """Greedy accuracy per capability (``{cap: float}``) on this rank's branch model.
+
+    ``limit`` caps the samples per capability (0 = the whole eval split). Collective over the
+    branch (every rank of it calls).
+    """
+    topo, cfg = rt.topo, rt.cfg
+    dp, dp_rank = topo.layout.dp, topo.dp_rank
+    params = SamplingParams(cfg.rollout.max_new_tokens, 0.0, 1.0, 0, rt.codec.eos, rt.codec.pad)
+    out = {}
+    for cap in caps:
+        reader = make_reader(cfg, cap, "eval", dp_rank, dp)
+        n = (
+            reader.samples_per_epoch
+            if not limit
+            else min(reader.samples_per_epoch, -(-limit // dp))
+        )
+        samples = reader.next_batch(n) if n else []
+        correct = torch.zeros(2)
+        if samples:
+            rolls = sampler.generate([rt.codec.prompt_ids(s["prompt"]) for s in samples], params, 0)
+            texts = [rt.codec.decode(r) for r in rolls.responses()]
+            items = [
+                (t, s["answer"], s["reward_type"]) for t, s in zip(texts, samples, strict=True)
+            ]
+            rewards, _ = judge.score(items)
+            correct += torch.tensor([float((rewards > 0.5).sum()), float(len(samples))])
+        if dp > 1:
+            correct = correct.to(rt.device)
+            dist.all_reduce(correct, group=topo.pg.dp)
+        out[cap] = float(correct[0] / max(correct[1], 1.0))
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
+    """Accuracy table: one row per model, one column per capability (percent)."""
+    width = max(len(r) for r in rows) + 2
+    head = "model".ljust(width) + "".join(c.rjust(10) for c in caps) + "      mean"
+    lines = [head, "-" * len(head)]
+    for name, accs in rows.items():
+        vals = [accs.get(c, float("nan")) for c in caps]
+        mean = sum(vals) / len(vals)
+        cells = "".join(f"{100 * v:10.1f}" for v in vals)
+        lines.append(name.ljust(width) + cells + f"{100 * mean:10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``copd eval --config C --ckpt DIR [DIR...] [overrides]``: one process group, each ckpt."""
+    from copd_mega.checkpoint import load_model
+    from copd_mega.config import ConfigError, load_config
+    from copd_mega.model import build_gpt
+    from copd_mega.rollout import MegatronSampler
+    from copd_mega.runtime import shutdown, start
+
+    ap = argparse.ArgumentParser(prog="copd eval", description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--ckpt", nargs="+", required=True, help="model checkpoint directories")
+    ap.add_argument("--capabilities", nargs="*", help="default: every branch's data")
+    ap.add_argument("--limit", type=int, default=0, help="samples per capability (0 = all)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        src = load_config(args.config, args.overrides)
+        caps = args.capabilities or sorted(
+            {c for b in src.branches for c in capabilities_of(b.data)}
+        )
+        one = f"branches=[{{name: eval, data: {'+'.join(caps)}}}]"
+        cfg = load_config(args.config, [*args.overrides, one, "teaching.graph=none"])
+    except ConfigError as e:
+        print(f"copd eval: {e}", file=sys.stderr)
+        return 1
+    rt = start(cfg)
+    model = build_gpt(cfg, rt.topo)
+    sampler = MegatronSampler(model, rt.topo, cfg)
+    judge = Judge(rt.topo, rt.device)
+    rows = {}
+    for ckpt in args.ckpt:
+        load_model(ckpt, model, rt.topo)
+        rows[ckpt] = evaluate(rt, sampler, judge, caps, args.limit)
+    if dist.get_rank() == 0:
+        print(format_table(rows, caps))
+    judge.close()
+    shutdown()
+    return 0

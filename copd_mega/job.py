@@ -1,0 +1,196 @@
+"""Everything one rank of a training job holds, built once: ``build_job(cfg) -> BranchJob``.
+
+Also the end of a job: evaluation spread over the branches, the in-place merge and the final
+checkpoints (``RUN/final/branch_<name>`` before merging, ``RUN/final/model`` after).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from copd_mega.checkpoint import load_latest, load_model, save_model
+from copd_mega.config import Config, ConfigError, to_dict
+from copd_mega.data.reader import ShardReader
+from copd_mega.datasets import capabilities_of, make_reader
+from copd_mega.evaluate import evaluate, format_table
+from copd_mega.judge import Judge
+from copd_mega.metrics import MetricsLogger
+from copd_mega.model import BranchModel, build_branch_model
+from copd_mega.rollout import MegatronSampler
+from copd_mega.runtime import Runtime, start
+from copd_mega.schedule import ScheduleState, StepPlan, build_plan
+from copd_mega.step import prepare_for_training
+
+
+@dataclass
+class BranchJob:
+    """This rank's share of the job: its branch's model, data streams, schedule and sinks."""
+
+    rt: Runtime
+    bm: BranchModel
+    sampler: MegatronSampler
+    judge: Judge
+    native: ShardReader  # the branch's own training data
+    peers: dict[str, ShardReader]  # teacher branch -> reader of that teacher's prompts
+    plan: list[StepPlan]
+    state: ScheduleState
+    edges: list[tuple[str, str]]  # every edge the plan uses, in telemetry order
+    logger: MetricsLogger
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.rt.topo.branch.name
+
+    @property
+    def cfg(self) -> Config:
+        return self.rt.cfg
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Accumulate wall time of ``phase`` into this step's ``time/<phase>``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def schedule_plan(cfg: Config, edges: list[tuple[str, str]]) -> list[StepPlan]:
+    """The run's step plan for ``schedule.mode`` (errors name the schedule field to fix)."""
+    s = cfg.schedule
+    mixed = None
+    if s.mode == "mixed":
+        if len(cfg.branches) != 1:
+            raise ConfigError(
+                "schedule.mode=mixed trains one branch on the union of the data: configure one "
+                "branch whose data joins the capabilities, e.g. data: arith+reverse"
+            )
+        experts = len(capabilities_of(cfg.branches[0].data))
+        mixed = experts * s.cycles * (s.rl_steps + s.opd_steps)
+    try:
+        return build_plan(
+            s.mode, cfg.branch_names, edges if s.mode == "copd" else (), s.cycles, s.rl_steps,
+            s.opd_steps, s.student or None if s.mode in ("static_opd", "mopd") else None, mixed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def build_job(cfg: Config) -> BranchJob:
+    """Start the process group and build this rank's branch job (resuming when asked)."""
+    rt = start(cfg)
+    topo = rt.topo
+    plan = schedule_plan(cfg, topo.layout.edges)
+    edges = list(dict.fromkeys(e for p in plan for e in p.edges))
+    bm = build_branch_model(cfg, topo)
+    prepare_for_training(bm, topo)
+    if cfg.checkpoint.init_from:  # every branch starts from the same base, loaded in turn
+        for name in cfg.branch_names:
+            load_model(cfg.checkpoint.init_from, bm, topo, branch=name)
+    names = cfg.branch_names
+    me = topo.branch.name
+    data_of = {b.name: b.data for b in cfg.branches}
+    dp, dp_rank = topo.layout.dp, topo.dp_rank
+    native = make_reader(cfg, data_of[me], "train", dp_rank, dp, salt=names.index(me))
+    peers = {
+        t: make_reader(cfg, data_of[t], "train", dp_rank, dp, salt=100 + 10 * names.index(me)
+                       + names.index(t))
+        for s, t in edges if s == me
+    }  # fmt: skip
+    job = BranchJob(
+        rt=rt, bm=bm, sampler=MegatronSampler(bm.model, topo, cfg), judge=Judge(topo, rt.device),
+        native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges,
+        logger=MetricsLogger(
+            cfg.run_dir, me, topo.is_branch_leader, len(plan), cfg.logging.wandb,
+            cfg.logging.wandb_project, to_dict(cfg), cfg.logging.progress,
+        ),
+    )  # fmt: skip
+    return job
+
+
+def resume(job: BranchJob) -> bool:
+    """Restore models, optimizers, RNG, schedule and data cursors from ``latest``, if any."""
+    saved = load_latest(Path(job.cfg.run_dir) / "checkpoints", job.bm, job.rt.topo)
+    if saved is None:
+        return False
+    job.state.load_state_dict(saved["schedule"])
+    job.native.load_state_dict(saved["native"])
+    for t, reader in job.peers.items():
+        reader.load_state_dict(saved["peers"][t])
+    job.rt.log(f"resumed at step {job.state.next_step}")
+    return True
+
+
+def trainer_state(job: BranchJob) -> dict:
+    """What a step checkpoint stores for this rank besides model, optimizer and RNG."""
+    return {
+        "schedule": job.state.state_dict(),
+        "native": job.native.state_dict(),
+        "peers": {t: r.state_dict() for t, r in job.peers.items()},
+    }
+
+
+def eval_caps(cfg: Config) -> list[str]:
+    return sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
+
+
+def evaluate_all_branches(job: BranchJob, tag_of_branch) -> dict[str, dict[str, float]]:
+    """Every branch evaluates its own model on every capability; every rank gets every row.
+
+    ``tag_of_branch(name)`` names the table row of a branch (e.g. ``"branch arith"``).
+    Collective over the world.
+    """
+    accs = evaluate(job.rt, job.sampler, job.judge, eval_caps(job.cfg), job.cfg.data.n_eval)
+    return _gather_rows(job, {tag_of_branch(job.name): accs})
+
+
+def evaluate_shared_model(job: BranchJob, label: str) -> dict[str, dict[str, float]]:
+    """Evaluate a model every branch holds (the base, the merged model) in one row.
+
+    The capabilities are spread over the branches, so B branches finish B times sooner.
+    """
+    caps = eval_caps(job.cfg)
+    idx, nb = job.rt.topo.branch.index, len(job.cfg.branches)
+    accs = evaluate(job.rt, job.sampler, job.judge, caps[idx::nb], job.cfg.data.n_eval)
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, accs if job.rt.topo.is_branch_leader else {})
+    merged: dict[str, float] = {}
+    for r in rows:
+        merged.update(r)
+    return {label: {c: merged[c] for c in caps}}
+
+
+def _gather_rows(job: BranchJob, mine: dict) -> dict[str, dict[str, float]]:
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, mine if job.rt.topo.is_branch_leader else {})
+    merged: dict[str, dict[str, float]] = {}
+    for r in rows:
+        merged.update(r)
+    return merged
+
+
+def write_eval(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
+    """Print the evaluation table and save it as RUN/eval.json (global rank 0)."""
+    if dist.get_rank() != 0:
+        return
+    caps = eval_caps(job.cfg)
+    print("\nheld-out greedy accuracy (%)\n" + format_table(table, caps), flush=True)
+    (Path(job.cfg.run_dir) / "eval.json").write_text(json.dumps(table, indent=2))
+
+
+def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:
+    """Model-only checkpoint of ``branch`` (default: this job's first branch) under RUN/final."""
+    path = Path(job.cfg.run_dir) / "final" / sub
+    save_model(
+        path, job.bm, job.rt.topo, job.cfg, branch=branch or job.cfg.branch_names[0],
+        tokenizer=job.rt.codec.path,
+    )  # fmt: skip
+    return path

@@ -1,0 +1,133 @@
+"""``copd pretrain``: next-token training on (prompt, answer) pairs that makes a base model.
+
+No pretrained weights can be downloaded here, so a run starts by teaching a tiny model the
+capabilities' format and a partial skill: supervised NLL of ``answer + <eos>`` given
+``<bos> + prompt``. Every branch's data (or ``pretrain.capabilities``) is mixed; the result is a
+normal model checkpoint at ``RUN/base`` that ``checkpoint.init_from`` points every branch at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from copd_mega.batches import split_microbatches
+from copd_mega.checkpoint import save_model
+from copd_mega.config import BranchConfig, Config, ConfigError, TeachingConfig, load_config
+from copd_mega.datasets import capabilities_of, make_reader
+from copd_mega.evaluate import evaluate
+from copd_mega.judge import Judge
+from copd_mega.logprobs import response_logprobs
+from copd_mega.model import build_branch_model
+from copd_mega.rollout import MegatronSampler
+from copd_mega.runtime import Runtime, shutdown, start
+from copd_mega.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
+
+
+def pretrain_config(cfg: Config) -> tuple[Config, list[str]]:
+    """The one-branch config of the pretrain job and the capabilities it mixes."""
+    caps = cfg.pretrain.capabilities or sorted(
+        {c for b in cfg.branches for c in capabilities_of(b.data)}
+    )
+    one = dataclasses.replace(
+        cfg,
+        branches=[BranchConfig(name="base", data="+".join(caps))],
+        teaching=TeachingConfig(graph="none"),
+    )
+    return one, caps
+
+
+def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
+    """tokens ``[N, L]`` (``<bos> prompt answer <eos>``, right-padded) and the answer mask."""
+    seqs, masks = [], []
+    for s in samples:
+        p, a = rt.codec.prompt_ids(s["prompt"]), rt.codec.answer_ids(s["answer"])
+        seqs.append(p + a)
+        masks.append([False] * len(p) + [True] * len(a))
+    width = max(len(x) for x in seqs)
+    if width > rt.cfg.model.max_seq_length:
+        raise ConfigError(
+            f"a pretraining sequence has {width} tokens > model.max_seq_length="
+            f"{rt.cfg.model.max_seq_length}; raise model.max_seq_length"
+        )
+    tokens = torch.full((len(seqs), width), rt.codec.pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (x, m) in enumerate(zip(seqs, masks, strict=True)):
+        tokens[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m)
+    return {"tokens": tokens, "mask": mask}
+
+
+def nll_loss_fn(rt: Runtime):
+    cfg = rt.cfg
+
+    def loss_fn(mb: dict, logits: Tensor):
+        logp = response_logprobs(
+            logits, mb["tokens"], rt.topo.pg.tp, cfg.model.vocab_size, cfg.rollout.logprob_chunk
+        )
+        mask = mb["mask"]
+        nll = -(logp * mask).sum()
+        n = mask.sum()
+        return nll, n, {"nll": torch.stack([nll.detach(), n.float()])}
+
+    return loss_fn
+
+
+def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
+    """Train the base model and save it (collective over the job). Returns its directory."""
+    pcfg, caps = pretrain_config(cfg)
+    rt = start(pcfg)
+    topo, p = rt.topo, pcfg.pretrain
+    out_dir = Path(out_dir or Path(cfg.run_dir) / "base")
+    bm = build_branch_model(pcfg, topo, lr=p.lr)
+    prepare_for_training(bm, topo)
+    sampler = MegatronSampler(bm.model, topo, pcfg)
+    judge = Judge(topo, rt.device)
+    reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
+    per_rank = max(p.batch_size // topo.layout.dp, 1)
+    loss_fn, t0 = nll_loss_fn(rt), time.monotonic()
+    for step in range(p.steps):
+        rows = sft_rows(rt, reader.next_batch(per_rank))
+        mbs = split_microbatches(rows, pcfg.parallel.micro_batch_size, rt.device)
+        out = run_microbatches(bm, topo, mbs, loss_fn)
+        tot = sum(o["nll"] for o in out) if out else torch.zeros(2)
+        stats = optimizer_step(bm, all_finite([float(tot[0])], topo.pg.tp))
+        last = step + 1 == p.steps
+        if (p.eval_every and (step + 1) % p.eval_every == 0) or last:
+            accs = evaluate(rt, sampler, judge, caps, p.eval_limit)
+            mean = sum(accs.values()) / len(accs)
+            shown = " ".join(f"{c}={100 * a:.1f}%" for c, a in accs.items())
+            rt.log(
+                f"pretrain step {step + 1}/{p.steps} nll={float(tot[0] / max(tot[1], 1)):.3f} "
+                f"grad_norm={stats['grad_norm']:.2f} eval {shown} "
+                f"({time.monotonic() - t0:.0f}s)"
+            )
+            if p.target_accuracy and mean >= p.target_accuracy:
+                rt.log(f"pretrain reached target accuracy {p.target_accuracy:.2f}; stopping")
+                break
+    save_model(out_dir, bm, topo, pcfg, tokenizer=rt.codec.path)
+    rt.log(f"base model saved to {out_dir}")
+    judge.close()
+    return out_dir
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="copd pretrain", description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", help="model directory (default RUN/base)")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_pretrain(cfg, Path(args.out) if args.out else None)
+    except ConfigError as e:
+        print(f"copd pretrain: {e}", file=sys.stderr)
+        return 1
+    shutdown()
+    return 0

@@ -1,0 +1,57 @@
+"""Start-up shared by every job: distributed init, topology, layout print-out, data, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from copd_mega.config import Config, ConfigError
+from copd_mega.datasets import PromptCodec, prepare_data
+from copd_mega.parallel.dist import device, init_distributed
+from copd_mega.parallel.topology import Topology, build_topology, plan_layout
+from copd_mega.plan import format_layout
+
+
+@dataclass
+class Runtime:
+    """What every rank of a job holds after start-up."""
+
+    cfg: Config
+    topo: Topology
+    device: torch.device
+    codec: PromptCodec
+
+    def log(self, msg: str) -> None:
+        """Print on the branch leader (or every rank with ``logging.log_all_ranks``)."""
+        if self.topo.is_branch_leader or self.cfg.logging.log_all_ranks:
+            print(f"[{self.topo.branch.name} r{self.topo.rank}] {msg}", flush=True)
+
+
+def start(cfg: Config) -> Runtime:
+    """Initialise the process group and everything every job needs, in a fixed order.
+
+    Global rank 0 prints the rank layout (the same text as ``copd plan``) before any model is
+    built. Checks the tokenizer fits ``model.vocab_size`` before any model exists.
+    """
+    init_distributed(cfg.parallel.backend, seed=cfg.seed)
+    world = dist.get_world_size()
+    layout = plan_layout(cfg, world)  # raises a ConfigError naming the fix
+    if dist.get_rank() == 0:
+        print(format_layout(cfg, layout), flush=True)
+    topo = build_topology(cfg, world)
+    tok_path = prepare_data(cfg)
+    codec = PromptCodec(tok_path, cfg.data.prompt_template)
+    if codec.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {tok_path} has {codec.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {codec.vocab_size}"
+        )
+    return Runtime(cfg, topo, device(), codec)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,61 @@
+"""A branch scores sequences with its **current** weights: per-token log-probs and top-k ids.
+
+This is the teacher side of mutual OPD (and the student's own top-k for the overlap metric).
+It is the same megatron forward pass, in the same precision, as training: log-probs computed
+by another engine would disagree numerically with the student's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from copd_mega.batches import sequence_microbatches
+from copd_mega.logprobs import response_logprobs, token_topk
+from copd_mega.model import BranchModel
+from copd_mega.parallel.topology import Topology
+from copd_mega.step import run_microbatches
+
+
+def aligned_topk(logits: Tensor, k: int, tp_group, vocab_size: int, chunk: int) -> Tensor:
+    """[b, s, k] top-k ids of the distribution that predicted token t, at position t (0 at t=0).
+
+    Same alignment as :func:`copd_mega.logprobs.response_logprobs`.
+    """
+    ids = token_topk(logits[:, :-1], k, tp_group, vocab_size, chunk)
+    return torch.nn.functional.pad(ids, (0, 0, 1, 0))
+
+
+@torch.no_grad()
+def score_sequences(
+    bm: BranchModel,
+    topo: Topology,
+    tokens: Tensor,
+    top_k: int,
+    vocab_size: int,
+    micro_batch_size: int,
+    chunk: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor] | None:
+    """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``.
+
+    Token-aligned (position t scores token t given tokens < t; position 0 is 0). Every rank of
+    the branch calls it with the same tokens; the result is valid on the **last PP stage, every
+    TP rank**; other stages get ``None``.
+    """
+
+    def loss_fn(mb: dict, logits: Tensor):
+        logp = response_logprobs(logits, mb["tokens"], topo.pg.tp, vocab_size, chunk)
+        topk = aligned_topk(logits, top_k, topo.pg.tp, vocab_size, chunk)
+        zero = logits.new_zeros(())
+        return zero, torch.ones((), dtype=torch.int), {"logp": logp.float(), "topk": topk}
+
+    bm.model.eval()
+    try:
+        mbs = sequence_microbatches(tokens, micro_batch_size, device)
+        out = run_microbatches(bm, topo, mbs, loss_fn, forward_only=True)
+    finally:
+        bm.model.train()
+    if not topo.is_last_stage:
+        return None
+    return torch.cat([o["logp"] for o in out]), torch.cat([o["topk"] for o in out])

@@ -1,0 +1,104 @@
+"""Peer scoring exchange: student rollouts out to the teacher, log-probs and top-k ids back.
+
+For a teaching edge (student s, teacher t), the rank at coordinate (tp, pp, dp) of branch s sends
+its rollouts on t's prompts to the rank at the same coordinate of branch t (so every teacher TP/PP
+rank holds the sequences its forward pass needs), and the teacher's **last PP stage** ranks send
+the per-token results back to the student's last-stage ranks at the same coordinate. All traffic
+is point-to-point between exactly those two ranks (NCCL on GPU, gloo on CPU). Every rank posts
+all of its sends and receives of one round together (``batch_isend_irecv``), so edges that run
+both ways in the same step cannot deadlock.
+
+Round 1 (:func:`send_rollouts`): shapes first, then the packed rollouts.
+Round 2 (:func:`return_scores`): teacher log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from copd_mega.parallel.topology import Topology
+
+
+def _batch(ops: list[dist.P2POp]) -> None:
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def pack_rollouts(tokens: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor):
+    """``[N, L]`` tokens plus ``[N]`` prompt lengths and lengths -> one ``[N, L + 2]`` int64."""
+    return torch.cat([prompt_lens[:, None], lengths[:, None], tokens], dim=1).long().contiguous()
+
+
+def unpack_rollouts(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_rollouts`: (tokens ``[N, L]``, prompt_lens ``[N]``, lengths ``[N]``)."""
+    return packed[:, 2:], packed[:, 0], packed[:, 1]
+
+
+def send_rollouts(
+    topo: Topology,
+    outgoing: dict[str, torch.Tensor],
+    students: list[str],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Send packed rollouts to each teacher and receive each student's, in one round.
+
+    ``outgoing`` maps teacher branch -> packed ``[N, L+2]`` int64 (this rank is the student);
+    ``students`` lists the branches this rank's branch teaches this step. Every rank of both
+    branches takes part. Returns student branch -> packed rollouts received (valid on every rank
+    of the teacher branch).
+    """
+    layout, rank = topo.layout, topo.rank
+    shapes_in = {s: torch.zeros(2, dtype=torch.long, device=device) for s in students}
+    ops = [
+        dist.P2POp(dist.isend, torch.tensor(t.shape, device=device), layout.peer_rank(rank, name))
+        for name, t in outgoing.items()
+    ]
+    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in shapes_in.items()]
+    _batch(ops)
+    incoming = {
+        s: torch.empty(tuple(shape.tolist()), dtype=torch.long, device=device)
+        for s, shape in shapes_in.items()
+    }
+    ops = [
+        dist.P2POp(dist.isend, t.to(device), layout.peer_rank(rank, name))
+        for name, t in outgoing.items()
+    ]
+    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in incoming.items()]
+    _batch(ops)
+    return incoming
+
+
+def return_scores(
+    topo: Topology,
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    expected: dict[str, tuple[int, int]],
+    top_k: int,
+    device: torch.device,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Send each student its teacher scores and receive this branch's, in one round.
+
+    Only last-PP-stage ranks take part (others return ``{}``). ``scores`` maps student branch ->
+    (log-probs ``[N, L]`` fp32, top-k ids ``[N, L, k]`` int64) computed by this (teacher) rank;
+    ``expected`` maps teacher branch -> (N, L) of the rollouts this rank sent it. Returns teacher
+    branch -> (log-probs, top-k ids), valid on the student's last-stage ranks.
+    """
+    if not topo.is_last_stage:
+        return {}
+    layout, rank = topo.layout, topo.rank
+    ops = []
+    for student, (logp, topk) in scores.items():
+        peer = layout.peer_rank(rank, student)
+        ops.append(dist.P2POp(dist.isend, logp.float().contiguous().to(device), peer))
+        ops.append(dist.P2POp(dist.isend, topk.long().contiguous().to(device), peer))
+    received = {}
+    for teacher, (n, length) in expected.items():
+        peer = layout.peer_rank(rank, teacher)
+        logp = torch.empty(n, length, dtype=torch.float32, device=device)
+        topk = torch.empty(n, length, top_k, dtype=torch.long, device=device)
+        ops.append(dist.P2POp(dist.irecv, logp, peer))
+        ops.append(dist.P2POp(dist.irecv, topk, peer))
+        received[teacher] = (logp, topk)
+    _batch(ops)
+    return received
