@@ -206,6 +206,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _convert(value, args[0], path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if tp is int and isinstance(value, bool) or not isinstance(value, tp):
             raise ConfigError(

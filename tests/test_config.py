@@ -53,3 +53,8 @@ def test_bad_values_name_the_dotted_path(override, fragment):
 def test_missing_file_says_how_to_fix(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = load_config(None, ["optim.lr=2e-3"])
+    assert cfg.optim.lr == 2e-3
