@@ -35,5 +35,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },
+    package_data={"copd_mega": ["*.yaml"]},
     entry_points={"console_scripts": ["copd=copd_mega.cli:main"]},
 )

@@ -126,7 +126,8 @@ class PretrainConfig:
 
     steps: int = 300
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak; linear warmup then cosine decay to lr/10
+    warmup_steps: int = 50
     capabilities: list[str] = field(default_factory=list)  # empty: every branch's data
     target_accuracy: float = 0.0  # stop once mean held-out accuracy reaches this (0 = off)
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)

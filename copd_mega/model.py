@@ -214,8 +214,13 @@ class BranchModel:
         return self.model.module
 
 
-def build_branch_model(cfg: Config, topo: Topology, lr: float | None = None) -> BranchModel:
-    """GPTModel + megatron DDP + distributed optimizer on the branch's DP group."""
+def build_branch_model(
+    cfg: Config, topo: Topology, lr: float | None = None, min_lr: float | None = None
+) -> BranchModel:
+    """GPTModel + megatron DDP + distributed optimizer on the branch's DP group.
+
+    ``lr`` defaults to ``optim.lr``; ``min_lr`` (the floor an lr scheduler decays to) to ``lr``.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -229,9 +234,11 @@ def build_branch_model(cfg: Config, topo: Topology, lr: float | None = None) -> 
     )
     ddp = DistributedDataParallel(tcfg, ddp_cfg, gpt, pg_collection=topo.pg)
     o = cfg.optim
+    lr = o.lr if lr is None else lr
     opt_cfg = OptimizerConfig(
         optimizer="adam",
-        lr=o.lr if lr is None else lr,
+        lr=lr,
+        min_lr=lr if min_lr is None else min_lr,
         weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import Tensor
 
 from copd_mega.batches import split_microbatches
@@ -85,8 +86,14 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     rt = start(pcfg)
     topo, p = rt.topo, pcfg.pretrain
     out_dir = Path(out_dir or Path(cfg.run_dir) / "base")
-    bm = build_branch_model(pcfg, topo, lr=p.lr)
+    bm = build_branch_model(pcfg, topo, lr=p.lr, min_lr=p.lr / 10)
     prepare_for_training(bm, topo)
+    sched = OptimizerParamScheduler(
+        bm.optimizer, init_lr=0.0, max_lr=p.lr, min_lr=p.lr / 10,
+        lr_warmup_steps=min(p.warmup_steps, p.steps - 1), lr_decay_steps=p.steps,
+        lr_decay_style="cosine", start_wd=pcfg.optim.weight_decay,
+        end_wd=pcfg.optim.weight_decay, wd_incr_steps=p.steps, wd_incr_style="constant",
+    )  # fmt: skip
     sampler = MegatronSampler(bm.model, topo, pcfg)
     judge = Judge(topo, rt.device)
     reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
@@ -98,6 +105,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
         out = run_microbatches(bm, topo, mbs, loss_fn)
         tot = sum(o["nll"] for o in out) if out else torch.zeros(2)
         stats = optimizer_step(bm, all_finite([float(tot[0])], topo.pg.tp))
+        sched.step(1)
         last = step + 1 == p.steps
         if (p.eval_every and (step + 1) % p.eval_every == 0) or last:
             accs = evaluate(rt, sampler, judge, caps, p.eval_limit)
