@@ -118,6 +118,7 @@ class ScheduleConfig:
     opd_steps: int = 2  # S_OPD
     student: str = ""  # static_opd / mopd: the branch that learns in the distillation phase
     merge_every_cycle: bool = False
+    stop_after: int = 0  # end this job after N steps with a checkpoint (resume with --resume)
 
 
 @dataclass

@@ -50,7 +50,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     if not (cfg.checkpoint.resume and resume(job)):
         table.update(evaluate_shared_model(job, "base"))
     loss_fn = make_loss_fn(cfg, job.rt.topo, job.edges)
-    for plan in remaining_steps(job.plan, job.state):
+    stop = cfg.schedule.stop_after
+    for done, plan in enumerate(remaining_steps(job.plan, job.state), start=1):
         job.timings = {}
         t0 = time.perf_counter()
         record = cycle_step(job, plan, loss_fn)
@@ -59,14 +60,19 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
             with job.timed("merge"):
                 merge_branches(job)
         every = cfg.checkpoint.every
-        if every and job.state.next_step % every == 0:
+        stopping = stop and done >= stop and job.state.next_step < len(job.plan)
+        if (every and job.state.next_step % every == 0) or stopping:
             with job.timed("checkpoint"):
                 save_step(Path(cfg.run_dir) / "checkpoints", plan.step, job.bm, job.rt.topo,
                           cfg, trainer_state(job))  # fmt: skip
         record.update(job.timings, **{"time/step": time.perf_counter() - t0})
         record["tokens_per_s"] = record.get("train_tokens", 0.0) / record["time/step"]
         job.logger.log(plan.step, record)
-    finish(job, table)
+        if stopping:
+            job.rt.log(f"stopping after {done} steps (schedule.stop_after); resume with --resume")
+            break
+    else:
+        finish(job, table)
     job.logger.close()
     job.judge.close()
     return table
