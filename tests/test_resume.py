@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
 from copd_cases import run_mode
-from multiproc import spawn
 from test_copd import TINY, TWO
+
+from multiproc import spawn
 
 pytestmark = pytest.mark.multiproc
 
