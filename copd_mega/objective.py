@@ -90,22 +90,22 @@ def _telemetry(mb, logits, logp, loss, units, stats, topo, vocab, chunk, k, edge
     ent = torch.nn.functional.pad(ent, (1, 0))
     vec = [
         loss.detach().float(),
-        units.float(),
-        torch.tensor(stats["clip_frac"]) * ntok,
+        units.float().to(ntok.device),
+        stats["clip_frac"] * ntok,
         ntok,
         (ent * mask).sum(),
-        torch.tensor(stats["approx_kl"]) * ntok,
+        stats["approx_kl"] * ntok,
     ]
     if edges and bool(mb["opd"].any()):
         student_topk = aligned_topk(logits, k, topo.pg.tp, vocab, chunk)
     for i in range(len(edges)):
         rows = mb["edge"] == i
         if not bool(rows.any()):
-            vec += [torch.tensor(0.0)] * 3
+            vec += [ntok.new_zeros(())] * 3
             continue
         m = mask & rows[:, None]
         n = m.sum().float()
         overlap = topk_overlap(student_topk, mb["teacher_topk"], m) * n
         delta = ((mb["teacher_logp"] - logp.detach()) * m).sum()
         vec += [overlap, delta, n]
-    return torch.stack([v.float().reshape(()) for v in vec])
+    return torch.stack([v.float().reshape(()) for v in vec]).cpu()
