@@ -44,6 +44,25 @@ class ModelConfig:
 
 
 @dataclass
+class VisionConfig:
+    """A CLIP-style ViT + MLP projector in front of the language model (megatron LLaVAModel).
+
+    Off by default (text-only GPTModel). When on, every branch holds the same vision-language
+    architecture, so any branch can score any peer and all can be merged; text-only samples
+    simply carry no image tokens.
+    """
+
+    enabled: bool = False
+    image_size: int = 32
+    patch_size: int = 8
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    frames_per_video: int = 4  # frames sampled uniformly from a video; each becomes one image
+
+
+@dataclass
 class ParallelConfig:
     """Per-branch grid; every branch has the same TP x PP x DP shape."""
 
@@ -165,6 +184,7 @@ class Config:
     run_dir: str = "runs/default"
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     branches: list[BranchConfig] = field(default_factory=lambda: [BranchConfig()])
     teaching: TeachingConfig = field(default_factory=TeachingConfig)
