@@ -92,9 +92,8 @@ def build_job(cfg: Config) -> BranchJob:
     edges = list(dict.fromkeys(e for p in plan for e in p.edges))
     bm = build_branch_model(cfg, topo)
     prepare_for_training(bm, topo)
-    if cfg.checkpoint.init_from:  # every branch starts from the same base, loaded in turn
-        for name in cfg.branch_names:
-            load_model(cfg.checkpoint.init_from, bm, topo, branch=name)
+    if cfg.checkpoint.init_from:  # every branch starts from the same base
+        load_model(cfg.checkpoint.init_from, bm, topo)
     names = cfg.branch_names
     me = topo.branch.name
     data_of = {b.name: b.data for b in cfg.branches}

@@ -1,0 +1,153 @@
+"""``copd import-hf --hf DIR --out CKPT [--tp N]``: a Hugging Face Llama/Qwen2 model as a checkpoint.
+
+Reads ``config.json`` and the safetensors weights (one file or an index), maps names and layouts
+to Megatron's (fused interleaved QKV, ``[gate; up]``, vocabulary padded with zero rows to a
+multiple of ``pad_vocab_to * tp``) and writes an ordinary model checkpoint plus ``config.yaml``
+whose ``model.*`` is filled from ``config.json`` (``parallel.tp`` set to ``--tp``). The checkpoint
+loads at any TP/PP split; ``--tp`` only sets the padding. Tensors are read lazily, one layer at a
+time. ``tokenizer.json`` is carried over when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from copd_mega.config import Config, validate
+from copd_mega.hf import mapping as mp
+from copd_mega.hf.families import UnsupportedHFModel, model_config_from_hf
+from copd_mega.merge import TensorSpec, write_checkpoint
+from copd_mega.model import padded_vocab_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SafetensorsDir:
+    """Lazy access to the tensors of an HF model directory by name."""
+
+    def __init__(self, root: Path):
+        from safetensors import safe_open
+
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (root / "model.safetensors").is_file():
+            with safe_open(str(root / "model.safetensors"), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{root}: no model.safetensors or model.safetensors.index.json; save the model "
+                "with save_pretrained(safe_serialization=True)"
+            )
+        self.root, self.weight_map = root, weight_map
+        self._open = {name: safe_open(str(root / name), "pt") for name in set(weight_map.values())}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.root}: tensor {name} is missing from the safetensors files")
+        return self._open[self.weight_map[name]].get_tensor(name)
+
+
+def _check_o_proj_bias(st: SafetensorsDir, i: int) -> None:
+    name = mp.hf_layer(i, "self_attn.o_proj.bias")
+    if name in st and st.get(name).abs().max() > 0:
+        raise UnsupportedHFModel(
+            f"{st.root}: {name} is non-zero; the Megatron model here has no output-projection "
+            "bias (Llama attention_bias=true is only importable with zero o_proj biases)"
+        )
+
+
+def make_producer(st: SafetensorsDir, cfg: Config, dtype: torch.dtype):
+    """``produce(spec, start, stop)`` for :func:`write_checkpoint` reading HF tensors lazily."""
+    m = cfg.model
+
+    def padded_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        src = st.get(name)
+        out = torch.zeros(stop - start, src.shape[1], dtype=dtype)
+        end = min(stop, m.vocab_size)
+        if end > start:
+            out[: end - start] = src[start:end]
+        return out
+
+    def produce(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
+        if spec.key == mp.EMBEDDING:
+            return padded_rows(mp.HF_EMBEDDING, start, stop)
+        if spec.key == mp.OUTPUT:
+            return padded_rows(mp.HF_LM_HEAD, start, stop)
+        if spec.key == mp.FINAL_NORM:
+            return st.get(mp.HF_NORM)
+        layers = []
+        for i in range(start, stop):
+            layers.append(mp.layer_from_hf(st.get, i, spec.key, m))
+        return torch.stack(layers)
+
+    return produce
+
+
+def import_hf(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pad_vocab_to: int = 8,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write model checkpoint ``out`` (weights + config.yaml) from HF directory ``hf_dir``."""
+    hf_dir = Path(hf_dir)
+    config_json = hf_dir / "config.json"
+    if not config_json.is_file():
+        raise FileNotFoundError(
+            f"{hf_dir}: no config.json; point --hf at a Hugging Face model directory"
+        )
+    cfg = Config()
+    cfg.model = model_config_from_hf(json.loads(config_json.read_text()), config_json, pad_vocab_to)
+    cfg.parallel.tp = tp
+    cfg.opd.top_k = min(cfg.opd.top_k, cfg.model.vocab_size)
+    validate(cfg)
+    st = SafetensorsDir(hf_dir)
+    if not cfg.model.tie_embeddings and mp.HF_LM_HEAD not in st:
+        raise KeyError(f"{hf_dir}: tie_word_embeddings=false but lm_head.weight is missing")
+    if cfg.model.family == "llama" and cfg.model.qkv_bias:
+        for i in range(cfg.model.num_layers):
+            _check_o_proj_bias(st, i)
+    torch_dtype = DTYPES[dtype] if dtype else st.get(mp.HF_NORM).dtype
+    padded = padded_vocab_size(cfg.model.vocab_size, pad_vocab_to, tp)
+    specs = mp.megatron_specs(cfg.model, padded, torch_dtype)
+    tokenizer = hf_dir / "tokenizer.json"
+    return write_checkpoint(
+        out,
+        specs,
+        make_producer(st, cfg, torch_dtype),
+        cfg,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        label="import",
+        progress=progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="copd import-hf", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (must not exist)")
+    ap.add_argument("--tp", type=int, default=1, help="TP size the vocabulary is padded for")
+    ap.add_argument("--pad-vocab-to", type=int, default=8)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        path = import_hf(
+            args.hf, args.out, tp=args.tp, pad_vocab_to=args.pad_vocab_to, dtype=args.dtype,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (UnsupportedHFModel, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"copd import-hf: {e}")
+        return 2
+    print(f"wrote {path}")
+    return 0
