@@ -126,10 +126,14 @@ def split_microbatches(
     return out
 
 
-def microbatches(rows: Rows, size: int, device: torch.device) -> list[dict[str, Tensor]]:
-    """Training microbatches of :class:`Rows`."""
+def microbatches(
+    rows: Rows, size: int, device: torch.device, extra: dict[str, Tensor] | None = None
+) -> list[dict[str, Tensor]]:
+    """Training microbatches of :class:`Rows` plus row-aligned ``extra`` tensors
+    (``old_logp`` / ``ref_logp`` ``[N, L]``)."""
     names = ("tokens", "mask", "adv", "opd", "teacher_logp", "teacher_topk", "beta", "edge")
-    return split_microbatches({k: getattr(rows, k) for k in names}, size, device)
+    tensors = {k: getattr(rows, k) for k in names} | dict(extra or {})
+    return split_microbatches(tensors, size, device)
 
 
 def sequence_microbatches(tokens: Tensor, size: int, device: torch.device) -> list[dict]:

@@ -21,7 +21,7 @@ from copd_mega.datasets import capabilities_of, make_reader
 from copd_mega.evaluate import evaluate, format_table
 from copd_mega.judge import Judge
 from copd_mega.metrics import MetricsLogger
-from copd_mega.model import BranchModel, build_branch_model
+from copd_mega.model import BranchModel, build_branch_model, build_gpt
 from copd_mega.rollout import MegatronSampler
 from copd_mega.runtime import Runtime, start
 from copd_mega.schedule import ScheduleState, StepPlan, build_plan
@@ -42,6 +42,7 @@ class BranchJob:
     state: ScheduleState
     edges: list[tuple[str, str]]  # every edge the plan uses, in telemetry order
     logger: MetricsLogger
+    ref: BranchModel | None = None  # frozen reference policy, only when grpo.kl_coef > 0
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -92,8 +93,14 @@ def build_job(cfg: Config) -> BranchJob:
     edges = list(dict.fromkeys(e for p in plan for e in p.edges))
     bm = build_branch_model(cfg, topo)
     prepare_for_training(bm, topo)
+    ref = None
     if cfg.checkpoint.init_from:  # every branch starts from the same base
         load_model(cfg.checkpoint.init_from, bm, topo)
+    if cfg.grpo.kl_coef > 0:  # the reference is the starting policy, frozen
+        gpt = build_gpt(cfg, topo)
+        if cfg.checkpoint.init_from:
+            load_model(cfg.checkpoint.init_from, gpt, topo)
+        ref = BranchModel(gpt, None, gpt.config)
     names = cfg.branch_names
     me = topo.branch.name
     data_of = {b.name: b.data for b in cfg.branches}
@@ -106,7 +113,7 @@ def build_job(cfg: Config) -> BranchJob:
     }  # fmt: skip
     job = BranchJob(
         rt=rt, bm=bm, sampler=MegatronSampler(bm.model, topo, cfg), judge=Judge(topo, rt.device),
-        native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges,
+        native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges, ref=ref,
         logger=MetricsLogger(
             cfg.run_dir, me, topo.is_branch_leader, len(plan), cfg.logging.wandb,
             cfg.logging.wandb_project, to_dict(cfg), cfg.logging.progress,

@@ -27,7 +27,7 @@ from copd_mega.losses import (
 from copd_mega.parallel.topology import Topology
 from copd_mega.scoring import aligned_topk
 
-BASE_KEYS = ("loss_sum", "units", "clip_sum", "tokens", "entropy_sum", "kl_sum")
+BASE_KEYS = ("loss_sum", "units", "clip_sum", "tokens", "entropy_sum", "kl_sum", "refkl_sum")
 EDGE_KEYS = ("overlap_sum", "delta_sum", "count")
 
 
@@ -47,6 +47,8 @@ def unpack_metrics(vec: Tensor, edges: list[tuple[str, str]]) -> dict[str, float
         "approx_kl": base["kl_sum"] / tokens,
         "train_tokens": base["tokens"],
     }
+    if base["refkl_sum"]:
+        out["kl_to_ref"] = base["refkl_sum"] / tokens
     for i, (s, t) in enumerate(edges):
         o = len(BASE_KEYS) + len(EDGE_KEYS) * i
         ov, dl, n = v[o : o + 3]
@@ -73,8 +75,9 @@ def make_loss_fn(cfg: Config, topo: Topology, edges: list[tuple[str, str]]):
             expand_sequence_advantages(mb["adv"], mask),
         )
         loss, stats = clipped_surrogate_loss(
-            logp, old, adv, mask, g.eps_low, g.eps_high, g.loss_agg, normalizer=1.0
-        )
+            logp, old, adv, mask, g.eps_low, g.eps_high, g.loss_agg, normalizer=1.0,
+            ref_logp=mb.get("ref_logp"), kl_coef=g.kl_coef,
+        )  # fmt: skip
         units = torch.tensor(loss_normalizer(mask, g.loss_agg))
         with torch.no_grad():
             vec = _telemetry(mb, logits, logp, loss, units, stats, topo, vocab, chunk, k, edges)
@@ -95,6 +98,7 @@ def _telemetry(mb, logits, logp, loss, units, stats, topo, vocab, chunk, k, edge
         ntok,
         (ent * mask).sum(),
         stats["approx_kl"] * ntok,
+        stats.get("kl", 0.0) * ntok,
     ]
     if edges and bool(mb["opd"].any()):
         student_topk = aligned_topk(logits, k, topo.pg.tp, vocab, chunk)

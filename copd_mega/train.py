@@ -193,14 +193,21 @@ def _placeholder(r: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def update(job: BranchJob, rows: Rows, loss_fn) -> dict:
-    """One optimizer step on the combined GRPO + OPD rows; loss and edge telemetry."""
+    """Optimizer step(s) on the combined GRPO + OPD rows; loss and edge telemetry.
+
+    With ``grpo.updates_per_batch`` > 1 the old-policy log-probs are computed once, before the
+    first update; with ``grpo.kl_coef`` > 0 the frozen reference model scores the rows too.
+    """
     topo, cfg = job.rt.topo, job.cfg
     width = metric_width(len(job.edges))
+    extra = {}
+    if cfg.grpo.updates_per_batch > 1:
+        extra["old_logp"] = _row_logprobs(job, job.bm, rows)
+    if job.ref is not None:
+        extra["ref_logp"] = _row_logprobs(job, job.ref, rows)
     metrics: dict = {}
     for _ in range(cfg.grpo.updates_per_batch):
-        mbs = microbatches(rows, cfg.parallel.micro_batch_size, job.rt.device)
-        if cfg.grpo.updates_per_batch > 1:
-            _attach_old_logprobs(job, rows, mbs)
+        mbs = microbatches(rows, cfg.parallel.micro_batch_size, job.rt.device, extra)
         out = run_microbatches(job.bm, topo, mbs, loss_fn)
         vec = sum((o["metrics"] for o in out), torch.zeros(width))
         finite = all_finite([float(vec[0])], job.rt.topo.branch_group)
@@ -214,13 +221,11 @@ def update(job: BranchJob, rows: Rows, loss_fn) -> dict:
     return metrics
 
 
-def _attach_old_logprobs(job: BranchJob, rows: Rows, mbs: list[dict]) -> None:
-    """Old-policy log-probs for several updates per batch (computed once, before the first)."""
-    if "old_logp" in mbs[0]:
-        return
+def _row_logprobs(job: BranchJob, bm, rows: Rows) -> torch.Tensor:
+    """Token-aligned log-probs ``[N, L]`` of the rows under ``bm`` (zeros off the last stage)."""
     cfg = job.cfg
     res = score_sequences(
-        job.bm,
+        bm,
         job.rt.topo,
         rows.tokens,
         cfg.opd.top_k,
@@ -229,11 +234,7 @@ def _attach_old_logprobs(job: BranchJob, rows: Rows, mbs: list[dict]) -> None:
         cfg.rollout.logprob_chunk,
         job.rt.device,
     )
-    if res is None:  # fmt: skip
-        return
-    size = cfg.parallel.micro_batch_size
-    for i, mb in enumerate(mbs):
-        mb["old_logp"] = res[0][i * size : (i + 1) * size].to(job.rt.device)
+    return res[0].cpu() if res is not None else torch.zeros(rows.tokens.shape)  # fmt: skip
 
 
 def _branch_sum(job: BranchJob, vec: torch.Tensor, owner: bool) -> torch.Tensor:

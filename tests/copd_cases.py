@@ -84,3 +84,23 @@ def run_mode(rank: int, overrides: list[str]):
     cfg = load_config(None, overrides)
     table = train(cfg)
     return table if dist.get_rank() == 0 else None
+
+
+def update_case(rank: int, overrides: list[str]):
+    """Two batches of hand-made GRPO rows with non-zero advantages through ``train.update``."""
+    from copd_mega.batches import grpo_rows
+    from copd_mega.config import load_config
+    from copd_mega.job import build_job
+    from copd_mega.objective import make_loss_fn
+    from copd_mega.train import update
+
+    job = build_job(load_config(None, overrides))
+    loss_fn = make_loss_fn(job.cfg, job.rt.topo, job.edges)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 100, (4, 10), generator=g)
+    rows = grpo_rows(tokens, torch.tensor([3, 3, 4, 4]), torch.tensor([10, 9, 10, 8]),
+                     torch.tensor([1.0, -1.0, 0.5, -0.5]), job.cfg.opd.top_k)  # fmt: skip
+    first = update(job, rows, loss_fn)
+    second = update(job, rows, loss_fn)
+    job.judge.close()
+    return first, second

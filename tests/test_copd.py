@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from copd_cases import THREE, exchange_round_trip, merge_case, rollouts_for, run_mode
+from copd_cases import THREE, exchange_round_trip, merge_case, rollouts_for, run_mode, update_case
 
 from multiproc import spawn
 
@@ -97,3 +97,14 @@ def test_mode_runs_end_to_end(mode, tmp_path):
         )
         assert not [r for r in opd_rows if r["branch"] != "text"]
     assert Path(tmp_path / "final" / "model").is_dir()
+
+
+def test_kl_to_reference_and_several_updates_per_batch(tmp_path):
+    extra = ["branches=[{name: arith, data: arith}]", "schedule.mode=expert",
+             "teaching.graph=none", "grpo.kl_coef=0.1", "grpo.updates_per_batch=2",
+             "optim.lr=0.01", f"run_dir={tmp_path}"]  # fmt: skip
+    first, second = spawn(update_case, 1, [*TINY, *extra])[0]
+    # first batch: the policy starts at the reference; its 2nd update sees a moved policy
+    # against the batch's fixed old log-probs, so the ratio departs from 1 (approx_kl != 0)
+    assert first["approx_kl"] != 0.0
+    assert second["kl_to_ref"] > 0.0  # after the first batch's steps the policy left the reference
