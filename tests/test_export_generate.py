@@ -47,13 +47,47 @@ def _trainer_greedy(rank: int, overrides: list[str], ckpt: str):
     return {"prompts": [s["prompt"] for s in samples], "responses": rolls.responses()}
 
 
-def test_exported_model_generates_like_the_trainer(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A base model pretrained by copd (module-wide), with the overrides that made it."""
+    run = tmp_path_factory.mktemp("run")
+    overrides = [*PRETRAIN, f"run_dir={run}"]
+    (base,) = spawn(_pretrain, 1, overrides)
+    return base, overrides, run
+
+
+def _copd_eval(rank: int, argv: list[str]):
+    import contextlib
+    import io
+
+    from copd_mega.evaluate import main as eval_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = eval_main(argv)
+    return code, buf.getvalue()
+
+
+def test_copd_eval_prints_a_table(trained, tmp_path):
+    base, overrides, run = trained
+    cfg_file = tmp_path / "c.yaml"
+    from copd_mega.config import load_config, save_config
+
+    save_config(load_config(None, overrides), cfg_file)
+    code, out = spawn(_copd_eval, 1, ["--config", str(cfg_file), "--ckpt", base, "--limit", "8"])[0]
+    assert code == 0
+    header = [line for line in out.splitlines() if line.startswith("model ") and "mean" in line]
+    assert header and "arith" in header[0]
+    row = [line for line in out.splitlines() if line.startswith(base)]
+    assert row and 0.0 <= float(row[0].split()[-1]) <= 100.0
+
+
+def test_exported_model_generates_like_the_trainer(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from copd_mega.hf.export import main as export_main
 
-    overrides = [*PRETRAIN, f"run_dir={tmp_path / 'run'}"]
-    (base,) = spawn(_pretrain, 1, overrides)
+    base, overrides, _ = trained
     hf_dir = tmp_path / "hf"
     assert export_main(["--ckpt", base, "--out", str(hf_dir), "--no-progress"]) == 0
     (ours,) = spawn(_trainer_greedy, 1, overrides, base)
