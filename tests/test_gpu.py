@@ -5,10 +5,10 @@ Two branches need two GPUs (NCCL refuses two ranks of one communicator on one de
 
 import pytest
 import torch
-
 from copd_cases import run_mode
-from multiproc import spawn
 from test_copd import TINY, TWO
+
+from multiproc import spawn
 
 pytestmark = pytest.mark.gpu
 
