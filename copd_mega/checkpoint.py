@@ -25,41 +25,34 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from copd_mega.config import Config, save_config
+from copd_mega.rng_state import capture_rng, restore_rng
+from copd_mega.sharded_state import (
+    CONFIG_FILE,
+    CheckpointError,
+    load_dir,
+    load_module,
+    model_sharded_state_dict,
+    raise_everywhere,
+    restore_adam_step,
+    save_dir,
+    to_savable,
+    train_sharded_state_dict,
+)
 
-CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 COMPLETE_FILE = "complete.json"
 LATEST_FILE = "latest"
 TRAINER_DIR = "trainer_state"
-OPTIM_FORMAT = "dp_reshardable"  # megatron default; resume keeps TP and PP
-_COMMON = "__branch_common__"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, incomplete or mismatched checkpoint; the message names the path and the fix."""
-
-
-def _raise_everywhere(error: str | None) -> None:
-    """Collective: raise CheckpointError on every rank if any rank found ``error`` (instead of
-    leaving the others waiting in the next collective)."""
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise CheckpointError(first)
 
 
 def step_dir_name(step: int) -> str:
@@ -84,176 +77,6 @@ def require_model_dir(path: str | Path) -> Path:
             "that did not finish, or not a torch_dist checkpoint). Use the previous step or re-save."
         )
     return p
-
-
-# ----------------------------------------------------------------------------- sharded state
-
-
-def _gpt(model: Any) -> torch.nn.Module:
-    """The bare GPTModel inside a BranchModel or megatron DDP wrapper."""
-    model = getattr(model, "module", model)  # BranchModel.module / DDP.module
-    return getattr(model, "module", model)
-
-
-@contextmanager
-def _branch_dp_rank(topo):
-    """Megatron reads its global DP rank for the tied output layer on the last PP stage; give it
-    this branch's (the only global state touched, restored on exit)."""
-    from megatron.core import parallel_state
-
-    old = parallel_state._MPU_DATA_PARALLEL_RANK
-    parallel_state._MPU_DATA_PARALLEL_RANK = dist.get_rank(topo.pg.dp_cp)
-    try:
-        yield
-    finally:
-        parallel_state._MPU_DATA_PARALLEL_RANK = old
-
-
-def model_sharded_state_dict(model: Any, topo) -> dict:
-    """This rank's model ShardedTensors (global keys and shapes), layer extra state dropped."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    with _branch_dp_rank(topo):
-        sd = _gpt(model).sharded_state_dict(metadata={"dp_cp_group": topo.pg.dp_cp})
-    return {
-        k: v
-        for k, v in sd.items()
-        if not (isinstance(v, ShardedObject) and k.endswith("_extra_state"))
-    }
-
-
-def _inner_optimizers(optimizer) -> list:
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-
-
-def _ensure_adam_state(optimizer) -> None:
-    """Allocate torch Adam's lazy state (step 0, zero moments) before any step: megatron's
-    optimizer state_dict needs it on the CPU path (no TE/Apex fused Adam)."""
-    for inner in _inner_optimizers(optimizer):
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or inner.state:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p)}
-                st["exp_avg_sq"] = torch.zeros_like(p)
-                if group.get("amsgrad"):
-                    st["max_exp_avg_sq"] = torch.zeros_like(p)
-                inner.state[p] = st
-
-
-def _restore_adam_step(optimizer, loaded: Any) -> None:
-    """Give every parameter its own torch Adam ``step`` equal to the saved one (megatron 0.16
-    saves it in param_groups, loads one tensor shared by all parameters, which foreach Adam then
-    increments once per parameter, and copies the template's stale step over it)."""
-    inners = _inner_optimizers(optimizer)
-    states = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
-    for inner, sd in zip(inners, states, strict=True):
-        steps = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
-        if len(steps) != 1:
-            continue
-        step = float(steps.pop())
-        for st in inner.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = torch.tensor(step, dtype=st["step"].dtype)
-
-
-def _train_sharded_state_dict(bm, topo, loading: bool) -> dict:
-    _ensure_adam_state(bm.optimizer)
-    model_sd = model_sharded_state_dict(bm, topo)
-    opt_sd = bm.optimizer.sharded_state_dict(
-        model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": OPTIM_FORMAT}
-    )
-    return {"model": model_sd, "optimizer": opt_sd}
-
-
-def _flatten(x: Any, path: str = "") -> dict[str, Any]:
-    if isinstance(x, (dict, list)) and x:
-        items = x.items() if isinstance(x, dict) else enumerate(x)
-        return {k: v for key, val in items for k, v in _flatten(val, f"{path}/{key}").items()}
-    return {path: x}
-
-
-def _unflatten_like(template: Any, flat: dict[str, Any], path: str = "") -> Any:
-    if isinstance(template, dict) and template:
-        return {k: _unflatten_like(v, flat, f"{path}/{k}") for k, v in template.items()}
-    if isinstance(template, list) and template:
-        return [_unflatten_like(v, flat, f"{path}/{i}") for i, v in enumerate(template)]
-    return flat[path]
-
-
-def _to_savable(nested: dict, topo) -> dict:
-    """Flat ShardedBase dict; non-tensor leaves go into one ShardedObject owned by the branch's
-    first rank (common.pt would only hold global rank 0's)."""
-    from megatron.core.dist_checkpointing.mapping import (
-        LocalNonpersistentObject,
-        ShardedBase,
-        ShardedObject,
-    )
-
-    kept = (ShardedBase, LocalNonpersistentObject)  # megatron handles these itself
-    flat = _flatten(nested)
-    out = {k: v for k, v in flat.items() if isinstance(v, kept)}
-    common = {k: v for k, v in flat.items() if not isinstance(v, kept)}
-    if common:
-        local = topo.rank - topo.branch.first_rank
-        out[_COMMON] = ShardedObject("branch_common", common, (1,), (0,), replica_id=(0, 0, local))
-    return out
-
-
-def _save_dir(path: Path, state: dict | None) -> None:
-    """Collective over the world: ``state`` on the directory's branch, ``None`` elsewhere."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(state or {}, str(path), sharded_strategy=strategy)
-
-
-def _load_dir(path: Path, template: dict | None, topo) -> dict | None:
-    """Collective over the world; returns ``template``'s structure filled from ``path``."""
-    from megatron.core import dist_checkpointing
-
-    # No access-integrity check: it wants one main replica per shard across the world, but
-    # every branch may load the same checkpoint (a base model for all branches).
-    if template is None:
-        _raise_everywhere(None)
-        dist_checkpointing.load({}, str(path), validate_access_integrity=False)
-        return None
-    flat = _to_savable(template, topo)
-    _raise_everywhere(_shape_error(path, flat))
-    loaded = dist_checkpointing.load(flat, str(path), validate_access_integrity=False)
-    loaded.update(loaded.pop(_COMMON, {}))
-    return _unflatten_like(template, loaded)
-
-
-def _shape_error(path: Path, flat: dict) -> str | None:
-    """The first model key missing from ``path`` or of another shape, with a hint at the fix."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    for sh in flat.values():
-        if not isinstance(sh, ShardedTensor) or sh.key.startswith("optimizer."):
-            continue
-        if sh.key not in saved:
-            return (
-                f"{path}: checkpoint has no tensor {sh.key}; it was saved from a different model "
-                f"(compare its {CONFIG_FILE} with model.* here, e.g. model.tie_embeddings)"
-            )
-        got = tuple(saved[sh.key].size)
-        if got != tuple(sh.global_shape) and not sh.allow_shape_mismatch:
-            return (
-                f"{path}: {sh.key} has shape {got} but this model expects "
-                f"{tuple(sh.global_shape)}; make model.* match the checkpoint's {CONFIG_FILE}"
-            )
-    return None
-
-
-def _load_module(model: Any, loaded: dict, path: Path) -> None:
-    missing, unexpected = _gpt(model).load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing {missing[:5]} / unexpected {unexpected[:5]}")
 
 
 # ----------------------------------------------------------------------------- model checkpoints
@@ -293,7 +116,7 @@ def save_model(
         _write_sidecars(path, cfg, tokenizer)
     dist.barrier()
     mine = topo.branch.name == branch
-    _save_dir(path, {"model": model_sharded_state_dict(model, topo)} if mine else None)
+    save_dir(path, {"model": model_sharded_state_dict(model, topo)} if mine else None)
     return path
 
 
@@ -307,9 +130,9 @@ def load_model(path: str | Path, model: Any, topo, *, branch: str | None = None)
     path = require_model_dir(path)
     mine = branch is None or topo.branch.name == branch
     template = {"model": model_sharded_state_dict(model, topo)} if mine else None
-    loaded = _load_dir(path, template, topo)
+    loaded = load_dir(path, template, topo)
     if loaded is not None:
-        _load_module(model, loaded["model"], path)
+        load_module(model, loaded["model"], path)
         if hasattr(model, "optimizer"):
             model.optimizer.reload_model_params()
 
@@ -396,7 +219,7 @@ def _prepare_step_dir(root: Path, step_dir: Path, names: list[str]) -> None:
             for name in names:
                 (step_dir / branch_dir_name(name)).mkdir(parents=True)
             (step_dir / TRAINER_DIR).mkdir()
-    _raise_everywhere(error)
+    raise_everywhere(error)
 
 
 def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state: dict) -> Path:
@@ -411,9 +234,9 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     step_dir = root / step_dir_name(step)
     names = [b.name for b in topo.layout.branches]
     _prepare_step_dir(root, step_dir, names)
-    state = _to_savable(_train_sharded_state_dict(bm, topo, loading=False), topo)
+    state = to_savable(train_sharded_state_dict(bm, topo, loading=False), topo)
     for name in names:
-        _save_dir(step_dir / branch_dir_name(name), state if topo.branch.name == name else None)
+        save_dir(step_dir / branch_dir_name(name), state if topo.branch.name == name else None)
     rank = dist.get_rank()
     record = {"step": step, "branch": topo.branch.name, "rank": rank, "rng": rng}
     rank_file = step_dir / TRAINER_DIR / f"rank_{rank:05d}.pt"
@@ -476,50 +299,15 @@ def load_latest(root: str | Path, bm, topo, *, restore_rng_state: bool = True) -
             "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
         )
     rank_file = step_dir / TRAINER_DIR / f"rank_{dist.get_rank():05d}.pt"
-    template = _train_sharded_state_dict(bm, topo, loading=True)
+    template = train_sharded_state_dict(bm, topo, loading=True)
     for name in names:
         path = step_dir / branch_dir_name(name)
-        loaded = _load_dir(path, template if topo.branch.name == name else None, topo)
+        loaded = load_dir(path, template if topo.branch.name == name else None, topo)
         if loaded is not None:
-            _load_module(bm, loaded["model"], path)
+            load_module(bm, loaded["model"], path)
             bm.optimizer.load_state_dict(loaded["optimizer"])
-            _restore_adam_step(bm.optimizer, loaded["optimizer"])
+            restore_adam_step(bm.optimizer, loaded["optimizer"])
     record = torch.load(rank_file, weights_only=False)
     if restore_rng_state:
         restore_rng(record["rng"])
     return record["trainer_state"]
-
-
-# ----------------------------------------------------------------------------- RNG
-
-
-def _cuda_rng_usable() -> bool:
-    from copd_mega.parallel.cpu import cpu_mode_active
-
-    return torch.cuda.is_available() or cpu_mode_active()
-
-
-def capture_rng() -> dict:
-    """Python, numpy, torch CPU, CUDA (or the CPU layer's stand-in) and megatron's TP tracker."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if _cuda_rng_usable() else None,
-        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
-    }
-
-
-def restore_rng(state: dict) -> None:
-    """Inverse of :func:`capture_rng`."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and _cuda_rng_usable():
-        torch.cuda.set_rng_state(state["cuda"])
-    if state["tracker"]:
-        get_cuda_rng_tracker().set_states(state["tracker"])

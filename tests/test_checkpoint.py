@@ -176,14 +176,14 @@ KILL_SCRIPT = textwrap.dedent(
         topo = build_topology(cfg)
         bm = build_branch_model(cfg, topo)
         ck.save_step(root, 1, bm, topo, cfg, {"step": 1})
-        real_save = ck._save_dir
+        real_save = ck.save_dir
 
         def save_then_hang(path, state):
             real_save(path, state)
             print("MIDSAVE", flush=True)
             time.sleep(600)
 
-        ck._save_dir = save_then_hang
+        ck.save_dir = save_then_hang  # the hook save_step writes through
         ck.save_step(root, 2, bm, topo, cfg, {"step": 2})
 
     if __name__ == "__main__":
