@@ -1,4 +1,4 @@
-"""Tensor names and layouts between the Megatron vision-language model and HF LLaVA.
+"""Tensor names, layouts and configs between the Megatron vision-language model and HF LLaVA.
 
 Megatron side: global checkpoint keys of ``LLaVAModel`` (per-layer tensors stacked on a leading
 layer axis): ``language_model.*`` is exactly the GPT checkpoint (:mod:`copd_mega.hf.mapping`),
@@ -21,12 +21,15 @@ writes ones/zeros and import ignores it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from copd_mega.config import Config, ModelConfig, VisionConfig
 from copd_mega.hf import mapping as mp
+from copd_mega.hf.families import UnsupportedHFModel, hf_config, model_config_from_hf
 from copd_mega.merge import TensorSpec
+from copd_mega.vlm import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS, image_token_count
 
 LM, VIT, PROJ = "language_model.", "vision_model.", "vision_projection.encoder."
 VIT_LAYERS = VIT + "decoder.layers."
@@ -77,7 +80,9 @@ def file_name(component: str, name: str) -> str:
 def file_candidates(component: str, name: str) -> list[str]:
     """Every safetensors name LLaVA checkpoints have used for this tensor, classic first."""
     if component == "text":
-        modern = "lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name[6:]
+        modern = (
+            "lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name[6:]
+        )
         return [file_name(component, name), modern]
     if component == "vision":
         return [file_name(component, name), *(p + name for p in
@@ -121,11 +126,15 @@ def megatron_specs(cfg: Config, padded_vocab: int, dtype: torch.dtype) -> list[T
                 "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_bias"):  # fmt: skip
         shapes[VIT_LAYERS + key] = (n, h)
     specs = [TensorSpec(k, s, dtype) for k, s in shapes.items()]
-    specs += [TensorSpec(LM + s.key, s.shape, s.dtype) for s in mp.megatron_specs(m, padded_vocab, dtype)]
+    specs += [
+        TensorSpec(LM + s.key, s.shape, s.dtype) for s in mp.megatron_specs(m, padded_vocab, dtype)
+    ]
     return sorted(specs, key=lambda s: s.key)
 
 
-def vit_layer_to_hf(layer: dict[str, torch.Tensor], i: int, v: VisionConfig) -> dict[str, torch.Tensor]:
+def vit_layer_to_hf(
+    layer: dict[str, torch.Tensor], i: int, v: VisionConfig
+) -> dict[str, torch.Tensor]:
     """One ViT layer's Megatron tensors (keys after ``decoder.layers.``, layer axis removed) ->
     CLIP vision names of encoder layer i."""
     pre = f"encoder.layers.{i}."
@@ -164,3 +173,83 @@ def non_layer_from_hf(get: HFGetter, key: str) -> torch.Tensor:
     if key.startswith(PROJ):
         return get("projector", PROJ_SIMPLE[key[len(PROJ) :]])
     return get("vision", VIT_SIMPLE[key[len(VIT) :]])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def llava_config(cfg: Config, dtype: str, token_ids: dict, image_token_id: int):
+    """The ``LlavaConfig`` of ``cfg`` (text config as :func:`families.hf_config`)."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    v = cfg.vision
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+        num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size, patch_size=v.patch_size, num_channels=3,
+        hidden_act="quick_gelu", layer_norm_eps=VIT_NORM_EPS, projection_dim=v.hidden_size,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=hf_config(cfg.model, dtype, token_ids),
+        image_token_index=image_token_id, image_seq_length=image_token_count(cfg),
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=cfg.model.tie_embeddings, architectures=["LlavaForConditionalGeneration"],
+        dtype=dtype,
+    )  # fmt: skip
+
+
+def image_processor(cfg: Config):
+    """CLIP image processor: resize and centre-crop to ``vision.image_size``, CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+
+    size = cfg.vision.image_size
+    return CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=2,  # bilinear, as data.media
+        do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD), do_convert_rgb=True,
+    )  # fmt: skip
+
+
+def refuse(where: Path, field: str, value, supported: str) -> UnsupportedHFModel:
+    """The error for an HF setting the Megatron model cannot express."""
+    return UnsupportedHFModel(f"{where}: {field}={value!r} is not supported ({supported})")
+
+
+def kept_vision_layers(feature_layer, num_layers: int, where: Path) -> int:
+    """ViT layers up to HF's ``vision_feature_layer`` (its ``hidden_states`` index)."""
+    if not isinstance(feature_layer, int):
+        raise refuse(where, "vision_feature_layer", feature_layer, "one layer index")
+    kept = num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 1 <= kept <= num_layers:
+        supported = f"a layer 1..{num_layers} or -1..-{num_layers}"
+        raise refuse(where, "vision_feature_layer", feature_layer, supported)
+    return kept
+
+
+def vlm_config_from_hf(hf_cfg, where: Path, pad_vocab_to: int = 8) -> Config:
+    """``Config`` (``model.*`` and ``vision.*``) of a transformers ``LlavaConfig``."""
+    vc, tc = hf_cfg.vision_config, hf_cfg.text_config
+    checks = [
+        ("vision_config.model_type", vc.model_type, "clip_vision_model", "a CLIP vision tower"),
+        ("vision_config.hidden_act", vc.hidden_act, "quick_gelu", "quick_gelu"),
+        ("vision_config.layer_norm_eps", vc.layer_norm_eps, VIT_NORM_EPS, f"{VIT_NORM_EPS}"),
+        ("vision_config.num_channels", vc.num_channels, 3, "RGB"),
+        ("projector_hidden_act", hf_cfg.projector_hidden_act, "gelu", "gelu"),
+        ("multimodal_projector_bias", hf_cfg.multimodal_projector_bias, True, "true"),
+        ("vision_feature_select_strategy", hf_cfg.vision_feature_select_strategy, "default",
+         "default: the class token is dropped"),
+    ]  # fmt: skip
+    for field, value, want, supported in checks:
+        if value != want:
+            raise refuse(where, field, value, supported)
+    cfg = Config()
+    cfg.model = model_config_from_hf(tc.to_dict(), where, pad_vocab_to)
+    cfg.vision = VisionConfig(
+        enabled=True, image_size=vc.image_size, patch_size=vc.patch_size,
+        num_layers=kept_vision_layers(hf_cfg.vision_feature_layer, vc.num_hidden_layers, where),
+        hidden_size=vc.hidden_size, ffn_hidden_size=vc.intermediate_size,
+        num_attention_heads=vc.num_attention_heads,
+    )  # fmt: skip
+    return cfg
