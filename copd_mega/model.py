@@ -217,22 +217,37 @@ class BranchModel:
 def build_branch_model(
     cfg: Config, topo: Topology, lr: float | None = None, min_lr: float | None = None
 ) -> BranchModel:
-    """GPTModel + megatron DDP + distributed optimizer on the branch's DP group.
+    """The branch's model + megatron DDP + distributed optimizer on the branch's DP group.
 
-    ``lr`` defaults to ``optim.lr``; ``min_lr`` (the floor an lr scheduler decays to) to ``lr``.
+    A GPTModel, or the vision-language model when ``vision.enabled``. ``lr`` defaults to
+    ``optim.lr``; ``min_lr`` (the floor an lr scheduler decays to) to ``lr``.
     """
+    if cfg.vision.enabled:
+        from copd_mega.vlm import build_vlm
+
+        return wrap_branch_model(build_vlm(cfg, topo), cfg, topo, lr, min_lr)
+    return wrap_branch_model(build_gpt(cfg, topo), cfg, topo, lr, min_lr)
+
+
+def wrap_branch_model(
+    module: torch.nn.Module,
+    cfg: Config,
+    topo: Topology,
+    lr: float | None = None,
+    min_lr: float | None = None,
+) -> BranchModel:
+    """Wrap a bare megatron module in DDP and build its distributed optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    gpt = build_gpt(cfg, topo)
-    tcfg = gpt.config
+    tcfg = module.config
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=True,
         check_for_nan_in_grad=False,
     )
-    ddp = DistributedDataParallel(tcfg, ddp_cfg, gpt, pg_collection=topo.pg)
+    ddp = DistributedDataParallel(tcfg, ddp_cfg, module, pg_collection=topo.pg)
     o = cfg.optim
     lr = o.lr if lr is None else lr
     opt_cfg = OptimizerConfig(

@@ -11,6 +11,7 @@ At the end: evaluate every branch, merge in place (copd/expert) or keep the stud
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -253,25 +254,30 @@ def merge_branches(job: BranchJob) -> None:
 
 def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
     """Evaluate each branch, build and evaluate the final model, save both; add rows to
-    ``table`` and print it. Collective."""
+    ``table``, print it, and write the final phases' times to RUN/timings.json. Collective."""
     cfg = job.cfg
-    table.update(evaluate_all_branches(job, lambda name: f"branch {name}"))
-    for name in cfg.branch_names:
-        save_final(job, f"branch_{name}", name)
+    job.timings = {}
+    with job.timed("final_eval"):
+        table.update(evaluate_all_branches(job, lambda name: f"branch {name}"))
+    with job.timed("final_save"):
+        for name in cfg.branch_names:
+            save_final(job, f"branch_{name}", name)
     mode = cfg.schedule.mode
     final_branch = cfg.schedule.student if mode in ("static_opd", "mopd") else cfg.branch_names[0]
+    label = f"final ({final_branch})"
     if mode in ("copd", "expert") and len(cfg.branches) > 1:
+        label = "merged"
         with job.timed("merge"):
             merge_branches(job)
-        label = "merged"
-    else:
-        label = f"final ({final_branch})"
-    if label == "merged":
-        table.update(evaluate_shared_model(job, label))
+        with job.timed("final_eval"):
+            table.update(evaluate_shared_model(job, label))
     else:
         table[label] = table[f"branch {final_branch}"]
-    path = save_final(job, "model", final_branch)
+    with job.timed("final_save"):
+        path = save_final(job, "model", final_branch)
     write_eval(job, table)
+    if dist.get_rank() == 0:
+        Path(cfg.run_dir, "timings.json").write_text(json.dumps(job.timings, indent=2))
     job.rt.log(f"final model ({label}) saved to {path}")
 
 

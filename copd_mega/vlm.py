@@ -290,29 +290,10 @@ def init_vlm_weights(model, cfg: Config) -> None:
 def build_vlm_branch_model(
     cfg: Config, topo: Topology, lr: float | None = None, min_lr: float | None = None
 ) -> BranchModel:
-    """``LLaVAModel`` + megatron DDP + distributed optimizer, as ``model.build_branch_model``."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """``LLaVAModel`` + megatron DDP + distributed optimizer (``model.wrap_branch_model``)."""
+    from copd_mega.model import wrap_branch_model
 
-    vlm = build_vlm(cfg, topo)
-    tcfg = vlm.config
-    ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
-        check_for_nan_in_grad=False,
-    )  # fmt: skip
-    ddp = DistributedDataParallel(tcfg, ddp_cfg, vlm, pg_collection=topo.pg)
-    o = cfg.optim
-    lr = o.lr if lr is None else lr
-    opt_cfg = OptimizerConfig(
-        optimizer="adam", lr=lr, min_lr=lr if min_lr is None else min_lr,
-        weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=tcfg.bf16,
-        params_dtype=tcfg.params_dtype, use_distributed_optimizer=True,
-    )  # fmt: skip
-    opt = get_megatron_optimizer(
-        opt_cfg, [ddp], use_gloo_process_groups=False, pg_collection=topo.pg
-    )
-    return BranchModel(ddp, opt, tcfg)
+    return wrap_branch_model(build_vlm(cfg, topo), cfg, topo, lr, min_lr)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -122,6 +122,10 @@ def check_model_fits(cfg: Config) -> None:
         raise ConfigError(
             f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}"
         )
+    if cfg.vision.enabled:
+        from copd_mega.vlm import check_vision_fits
+
+        check_vision_fits(cfg)
     if m.num_layers % p.pp:
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "

@@ -82,6 +82,7 @@ def test_mode_runs_end_to_end(mode, tmp_path):
     assert "base" in table and any(k.startswith("merged") or k.startswith("final") for k in table)
     assert json.loads((tmp_path / "eval.json").read_text()) == table
     assert (tmp_path / "final" / "model" / "config.yaml").exists()
+    assert "time/final_eval" in json.loads((tmp_path / "timings.json").read_text())
     rows = [json.loads(line) for p in (tmp_path / "metrics").glob("*.jsonl")
             for line in p.read_text().splitlines()]  # fmt: skip
     opd_rows = [r for r in rows if r["phase"] == "opd" and r["learner"]]

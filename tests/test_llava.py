@@ -240,3 +240,16 @@ def test_penultimate_feature_layer_imports_as_a_shorter_vit(tmp_path):
     hf = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), attn_implementation="eager")
     for sample in range(len(prompts()[0])):
         assert (got[sample] - hf_logits(hf.eval(), sample)).abs().max().item() < TOL
+
+
+def test_cli_dispatches_llava_both_ways(hf_dir, imported, tmp_path):
+    """`copd import-hf` on an HF LLaVA dir and `copd export-hf` on a VLM checkpoint use LLaVA."""
+    from copd_mega.hf.export import main as export_main
+    from copd_mega.hf.importer import main as import_main
+
+    ckpt = tmp_path / "ckpt"
+    assert import_main(["--hf", str(hf_dir), "--out", str(ckpt), "--no-progress"]) == 0
+    out = tmp_path / "hf"
+    assert export_main(["--ckpt", str(ckpt), "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]

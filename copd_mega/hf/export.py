@@ -167,10 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        path = export_hf(
-            args.ckpt, args.out, max_shard_bytes=parse_size(args.max_shard_size),
-            dtype=args.dtype, progress=not args.no_progress,
+        kwargs = dict(
+            max_shard_bytes=parse_size(args.max_shard_size), dtype=args.dtype,
+            progress=not args.no_progress,
         )  # fmt: skip
+        if CheckpointReader(args.ckpt).config().vision.enabled:  # LlavaForConditionalGeneration
+            from copd_mega.hf.llava import export_llava
+
+            path = export_llava(args.ckpt, args.out, **kwargs)
+        else:
+            path = export_hf(args.ckpt, args.out, **kwargs)
     except (CheckpointError, ValueError, FileExistsError) as e:
         print(f"copd export-hf: {e}")
         return 2

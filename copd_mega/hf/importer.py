@@ -132,6 +132,14 @@ def import_hf(
     )
 
 
+def _model_type(hf_dir: str) -> str | None:
+    """``model_type`` of an HF directory's config.json (None when unreadable: import_hf says why)."""
+    try:
+        return json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="copd import-hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
@@ -142,10 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        path = import_hf(
-            args.hf, args.out, tp=args.tp, pad_vocab_to=args.pad_vocab_to, dtype=args.dtype,
+        kwargs = dict(
+            tp=args.tp, pad_vocab_to=args.pad_vocab_to, dtype=args.dtype,
             progress=not args.no_progress,
         )  # fmt: skip
+        if _model_type(args.hf) == "llava":
+            from copd_mega.hf.llava import import_llava
+
+            path = import_llava(args.hf, args.out, **kwargs)
+        else:
+            path = import_hf(args.hf, args.out, **kwargs)
     except (UnsupportedHFModel, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"copd import-hf: {e}")
         return 2
