@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo demo-mm test test-all lint clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/copd demo --out runs/demo
+
+demo-mm: $(STAMP)
+	$(VENV)/bin/copd demo --config configs/copd_mm_cpu.yaml --out runs/demo_mm
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -85,7 +85,13 @@ def prepare_data(cfg: Config) -> Path:
 def make_reader(
     cfg: Config, spec: str, split: str, dp_rank: int, dp_size: int, salt: int = 0
 ) -> ShardReader:
-    """Reader of a data spec for one DP rank; ``salt`` separates streams of the same data."""
+    """Reader of a data spec for one DP rank; ``salt`` separates streams of the same data.
+
+    With ``vision.enabled`` images and frames are resized to ``vision.image_size`` and each
+    video is sampled once, at read time, to ``vision.frames_per_video`` frames (uniformly,
+    ``data.media.frame_indices``); those tensors then travel with the rows.
+    """
+    v = cfg.vision
     return ShardReader(
         shard_paths(cfg, spec, split),
         dp_rank=dp_rank,
@@ -93,6 +99,8 @@ def make_reader(
         seed=cfg.data.seed + 7919 * salt,
         shuffle=split == "train",
         name=f"{spec} {split} dp{dp_rank}",
+        num_frames=v.frames_per_video if v.enabled else None,
+        image_size=v.image_size if v.enabled else None,
     )
 
 
@@ -104,6 +112,7 @@ class PromptCodec:
         self.tok = load_tokenizer(self.path)
         ids = special_ids(self.tok)
         self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+        self.image = ids["image"]  # the <image> slot a vision model fills with a medium
         self.template = template
 
     @property

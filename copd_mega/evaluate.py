@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from copd_mega.datasets import capabilities_of, make_reader
 from copd_mega.judge import Judge
+from copd_mega.multimodal import generate, prompts_and_media
 from copd_mega.rollout import SamplingParams
 from copd_mega.runtime import Runtime
 
@@ -39,7 +40,8 @@ def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0
         samples = reader.next_batch(n) if n else []
         correct = torch.zeros(2)
         if samples:
-            rolls = sampler.generate([rt.codec.prompt_ids(s["prompt"]) for s in samples], params, 0)
+            prompts, media = prompts_and_media(rt.codec, samples, 1, cfg.vision.enabled)
+            rolls = generate(sampler, prompts, media, params, 0)
             texts = [rt.codec.decode(r) for r in rolls.responses()]
             items = [
                 (t, s["answer"], s["reward_type"]) for t, s in zip(texts, samples, strict=True)

@@ -22,10 +22,11 @@ from copd_mega.evaluate import evaluate, format_table
 from copd_mega.judge import Judge
 from copd_mega.metrics import MetricsLogger
 from copd_mega.model import BranchModel, build_branch_model, build_gpt
-from copd_mega.rollout import MegatronSampler
+from copd_mega.rollout import RolloutEngine
 from copd_mega.runtime import Runtime, start
 from copd_mega.schedule import ScheduleState, StepPlan, build_plan
 from copd_mega.step import prepare_for_training
+from copd_mega.vlm_rollout import make_sampler
 
 
 @dataclass
@@ -34,7 +35,7 @@ class BranchJob:
 
     rt: Runtime
     bm: BranchModel
-    sampler: MegatronSampler
+    sampler: RolloutEngine  # MegatronSampler, or VLMSampler with vision.enabled
     judge: Judge
     native: ShardReader  # the branch's own training data
     peers: dict[str, ShardReader]  # teacher branch -> reader of that teacher's prompts
@@ -96,6 +97,11 @@ def build_job(cfg: Config) -> BranchJob:
     ref = None
     if cfg.checkpoint.init_from:  # every branch starts from the same base
         load_model(cfg.checkpoint.init_from, bm, topo)
+    if cfg.grpo.kl_coef > 0 and cfg.vision.enabled:
+        raise ConfigError(
+            f"grpo.kl_coef={cfg.grpo.kl_coef} with vision.enabled=true: the frozen reference is "
+            "built as a text model only; set grpo.kl_coef=0 for vision-language runs"
+        )
     if cfg.grpo.kl_coef > 0:  # the reference is the starting policy, frozen
         gpt = build_gpt(cfg, topo)
         if cfg.checkpoint.init_from:
@@ -112,7 +118,7 @@ def build_job(cfg: Config) -> BranchJob:
         for s, t in edges if s == me
     }  # fmt: skip
     job = BranchJob(
-        rt=rt, bm=bm, sampler=MegatronSampler(bm.model, topo, cfg), judge=Judge(topo, rt.device),
+        rt=rt, bm=bm, sampler=make_sampler(bm.model, topo, cfg, rt.codec), judge=Judge(topo, rt.device),
         native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges, ref=ref,
         logger=MetricsLogger(
             cfg.run_dir, me, topo.is_branch_leader, len(plan), cfg.logging.wandb,

@@ -26,9 +26,10 @@ from copd_mega.evaluate import evaluate
 from copd_mega.judge import Judge
 from copd_mega.logprobs import response_logprobs
 from copd_mega.model import build_branch_model
-from copd_mega.rollout import MegatronSampler
+from copd_mega.multimodal import MediaSpec, RowMedia, prompt_with_media
 from copd_mega.runtime import Runtime, shutdown, start
 from copd_mega.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
+from copd_mega.vlm_rollout import make_sampler
 
 
 def pretrain_config(cfg: Config) -> tuple[Config, list[str]]:
@@ -45,10 +46,13 @@ def pretrain_config(cfg: Config) -> tuple[Config, list[str]]:
 
 
 def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
-    """tokens ``[N, L]`` (``<bos> prompt answer <eos>``, right-padded) and the answer mask."""
-    seqs, masks = [], []
+    """tokens ``[N, L]`` (``<bos> [<image>...] prompt answer <eos>``, right-padded) and the
+    answer mask; with ``vision.enabled`` also ``media`` (a ``RowMedia``, not a tensor)."""
+    seqs, masks, media = [], [], []
     for s in samples:
-        p, a = rt.codec.prompt_ids(s["prompt"]), rt.codec.answer_ids(s["answer"])
+        p, m = prompt_with_media(rt.codec, s, rt.cfg.vision.enabled)
+        a = rt.codec.answer_ids(s["answer"])
+        media.append(m)
         seqs.append(p + a)
         masks.append([False] * len(p) + [True] * len(a))
     width = max(len(x) for x in seqs)
@@ -62,7 +66,10 @@ def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
     for i, (x, m) in enumerate(zip(seqs, masks, strict=True)):
         tokens[i, : len(x)] = torch.tensor(x)
         mask[i, : len(m)] = torch.tensor(m)
-    return {"tokens": tokens, "mask": mask}
+    out = {"tokens": tokens, "mask": mask}
+    if rt.cfg.vision.enabled:
+        out["media"] = RowMedia.from_lists(media, rt.cfg.vision.image_size)
+    return out
 
 
 def nll_loss_fn(rt: Runtime):
@@ -94,14 +101,18 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
         lr_decay_style="cosine", start_wd=pcfg.optim.weight_decay,
         end_wd=pcfg.optim.weight_decay, wd_incr_steps=p.steps, wd_incr_style="constant",
     )  # fmt: skip
-    sampler = MegatronSampler(bm.model, topo, pcfg)
+    sampler = make_sampler(bm.model, topo, pcfg, rt.codec)
     judge = Judge(topo, rt.device)
     reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
     per_rank = max(p.batch_size // topo.layout.dp, 1)
     loss_fn, t0 = nll_loss_fn(rt), time.monotonic()
     for step in range(p.steps):
         rows = sft_rows(rt, reader.next_batch(per_rank))
+        media = rows.pop("media", None)
         mbs = split_microbatches(rows, pcfg.parallel.micro_batch_size, rt.device)
+        if media is not None:
+            spec = MediaSpec(pcfg, rt.codec.image, rt.codec.pad)
+            mbs = spec.attach(mbs, media, pcfg.parallel.micro_batch_size)
         out = run_microbatches(bm, topo, mbs, loss_fn)
         tot = sum(o["nll"] for o in out) if out else torch.zeros(2)
         stats = optimizer_step(bm, all_finite([float(tot[0])], topo.pg.tp))

@@ -7,6 +7,8 @@ by another engine would disagree numerically with the student's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,12 +38,14 @@ def score_sequences(
     micro_batch_size: int,
     chunk: int,
     device: torch.device,
+    vlm: Callable[[list[dict]], list[dict]] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``.
 
     Token-aligned (position t scores token t given tokens < t; position 0 is 0). Every rank of
     the branch calls it with the same tokens; the result is valid on the **last PP stage, every
-    TP rank**; other stages get ``None``.
+    TP rank**; other stages get ``None``. ``vlm`` adds the rows' VLM inputs to the
+    microbatches (``MediaSpec.attach`` bound to the rows' media); None for text rows.
     """
 
     def loss_fn(mb: dict, logits: Tensor):
@@ -53,6 +57,8 @@ def score_sequences(
     bm.model.eval()
     try:
         mbs = sequence_microbatches(tokens, micro_batch_size, device)
+        if vlm is not None:
+            mbs = vlm(mbs)
         out = run_microbatches(bm, topo, mbs, loss_fn, forward_only=True)
     finally:
         bm.model.train()

@@ -1,8 +1,9 @@
 """One optimizer step of a branch through megatron's forward-backward schedule.
 
 Microbatches are dicts of CPU/GPU tensors with a common padded length ``[mbs, S]``: ``tokens``,
-``position_ids`` and whatever the loss needs. ``loss_fn(mb, logits)`` runs on the **last PP stage**
-(every TP rank) with vocab-parallel logits ``[mbs, S, V/TP]`` and returns
+``position_ids`` and whatever the loss needs; a microbatch with ``vlm`` (a ``VLMBatch``) runs
+the vision-language model and gets token-aligned logits (``multimodal.text_logits``).
+``loss_fn(mb, logits)`` runs on the **last PP stage** (every TP rank) with vocab-parallel logits ``[mbs, S, V/TP]`` and returns
 ``(loss_sum, num_units, metrics)``. megatron's ``calculate_per_token_loss`` then divides the
 gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
 ``loss_sum / num_units`` is an exact global mean (tokens for token-mean, sequences for seq-mean).
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.model import BranchModel
+from copd_mega.multimodal import text_logits
 from copd_mega.parallel.topology import Topology
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -54,7 +56,10 @@ def run_microbatches(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        logits = model(mb["tokens"], mb["position_ids"], None)
+        if "vlm" in mb:  # vision-language rows: LLaVA forward, logits back at text positions
+            logits = text_logits(model, mb["vlm"])
+        else:
+            logits = model(mb["tokens"], mb["position_ids"], None)
 
         def loss_func(output):
             loss, units, metrics = loss_fn(mb, output)

@@ -34,8 +34,9 @@ from copd_mega.job import (
 )  # fmt: skip
 from copd_mega.losses import grpo_advantages
 from copd_mega.model import branch_seed
+from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
-from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_rollouts
+from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
 from copd_mega.parallel.merge import merge_in_place, refresh_optimizer_master
 from copd_mega.rollout import Rollouts, SamplingParams
 from copd_mega.runtime import shutdown
@@ -87,48 +88,72 @@ def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
     students = [s for s, t in plan.edges if t == me]
     record: dict = {"cycle": plan.cycle, "phase": plan.phase, "learner": int(learner)}
     parts: list[Rows] = []
+    media: list[RowMedia] = []  # per part, with vision.enabled
     if learner:
         with job.timed("rollout"):
-            samples, rolls = rollout_native(job, plan.step)
+            samples, rolls, m = rollout_native(job, plan.step)
         with job.timed("reward"):
             rows, reward_metrics = reward_and_advantages(job, samples, rolls)
         parts.append(rows)
+        media.append(m)
         record.update(reward_metrics)
     with job.timed("rollout"):
-        peer_rolls = {t: rollout_peer(job, t, plan.step) for t in teachers}
-    scores = peer_scoring(job, peer_rolls, students)
+        peer_out = {t: rollout_peer(job, t, plan.step) for t in teachers}
+    peer_rolls = {t: r for t, (r, _) in peer_out.items()}
+    scores = peer_scoring(job, peer_out, students)
     for t in teachers:
         r = peer_rolls[t]
+        media.append(peer_out[t][1])
         logp, topk = scores.get(t, _placeholder(r, job.cfg.opd.top_k))
         beta = job.cfg.branches[job.cfg.branch_names.index(me)].beta
         parts.append(opd_rows(r.tokens.cpu(), r.prompt_lens.cpu(), r.lengths.cpu(), logp.cpu(),
                               topk.cpu(), beta, job.edges.index((me, t))))  # fmt: skip
     if learner:
         with job.timed("train"):
-            record.update(update(job, concat_rows(parts, pad_id=job.rt.codec.pad), loss_fn))
+            rows = concat_rows(parts, pad_id=job.rt.codec.pad)
+            all_media = RowMedia.cat(media) if job.cfg.vision.enabled else None
+            record.update(update(job, rows, loss_fn, all_media))
     return record
 
 
-def rollout_native(job: BranchJob, step: int) -> tuple[list[dict], Rollouts]:
-    """G rollouts for each of this DP rank's native prompts (rows grouped by prompt)."""
-    cfg, codec = job.cfg, job.rt.codec
+def rollout_native(job: BranchJob, step: int) -> tuple[list[dict], Rollouts, RowMedia | None]:
+    """G rollouts for each of this DP rank's native prompts (rows grouped by prompt), and the
+    rows' media (with ``vision.enabled``; the reader's pixels, unchanged, else None)."""
+    cfg = job.cfg
     per_rank = max(cfg.rollout.prompts_per_step // job.rt.topo.layout.dp, 1)
     samples = job.native.next_batch(per_rank)
-    prompts = [codec.prompt_ids(s["prompt"]) for s in samples for _ in range(cfg.grpo.group_size)]
     seed = branch_seed(cfg, job.rt.topo.branch.index) * 7919 + step
-    return samples, job.sampler.generate(prompts, _sampling(job), seed)
+    rolls, media = _generate(job, samples, cfg.grpo.group_size, seed)
+    return samples, rolls, media
 
 
-def rollout_peer(job: BranchJob, teacher: str, step: int) -> Rollouts:
-    """The student's own rollouts on prompts x' drawn from ``teacher``'s data."""
+def rollout_peer(job: BranchJob, teacher: str, step: int) -> tuple[Rollouts, RowMedia | None]:
+    """The student's own rollouts on prompts x' drawn from ``teacher``'s data, and their media."""
     o = job.cfg.opd
     per_rank = max(o.prompts_per_peer // job.rt.topo.layout.dp, 1)
     samples = job.peers[teacher].next_batch(per_rank)
-    codec = job.rt.codec
-    prompts = [codec.prompt_ids(s["prompt"]) for s in samples for _ in range(o.samples_per_prompt)]
     seed = branch_seed(job.cfg, job.rt.topo.branch.index) * 7919 + 104729 * (1 + step)
     seed += job.cfg.branch_names.index(teacher)
-    return job.sampler.generate(prompts, _sampling(job), seed)
+    return _generate(job, samples, o.samples_per_prompt, seed)
+
+
+def _generate(job: BranchJob, samples: list[dict], repeat: int, seed: int):
+    vision = job.cfg.vision.enabled
+    prompts, media = prompts_and_media(job.rt.codec, samples, repeat, vision)
+    rolls = generate(job.sampler, prompts, media, _sampling(job), seed)
+    return rolls, RowMedia.from_lists(media, job.cfg.vision.image_size) if vision else None
+
+
+def _media_spec(job: BranchJob) -> MediaSpec:
+    return MediaSpec(job.cfg, job.rt.codec.image, job.rt.codec.pad)
+
+
+def _vlm(job: BranchJob, media: RowMedia | None):
+    """Microbatch hook adding the rows' VLM inputs (None for the text model)."""
+    if media is None:
+        return None
+    size = job.cfg.parallel.micro_batch_size
+    return lambda mbs: _media_spec(job).attach(mbs, media, size)
 
 
 def _sampling(job: BranchJob) -> SamplingParams:
@@ -155,21 +180,28 @@ def reward_and_advantages(job: BranchJob, samples: list[dict], rolls: Rollouts):
                   "reward_errors": float(s[5])}  # fmt: skip
 
 
-def peer_scoring(job: BranchJob, peer_rolls: dict[str, Rollouts], students: list[str]) -> dict:
-    """Exchange rollouts with peers; score each student's with this branch's current weights.
+def peer_scoring(job: BranchJob, peer_out: dict, students: list[str]) -> dict:
+    """Exchange rollouts (and, with vision, their pixels) with peers; score each student's with
+    this branch's current weights. ``peer_out``: teacher -> (Rollouts, RowMedia | None).
 
     Returns teacher -> (log-probs [N, L], top-k [N, L, k]) on this branch's last-stage ranks.
     """
-    if not peer_rolls and not students:
+    if not peer_out and not students:
         return {}
     topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
+    peer_rolls = {t: r for t, (r, _) in peer_out.items()}
     out = {t: pack_rollouts(r.tokens, r.prompt_lens, r.lengths) for t, r in peer_rolls.items()}
     with job.timed("exchange"):
         incoming = send_rollouts(topo, out, students, dev)
+        pixels = {}
+        if cfg.vision.enabled:
+            packed = {t: m.pack() for t, (_, m) in peer_out.items()}
+            pixels = send_media(topo, packed, students, dev)
     mine = {}
     with job.timed("teacher"):
         for s in students:
             tokens = incoming[s][:, 2:]
+            media = RowMedia.unpack(*pixels[s], tokens.shape[0]) if s in pixels else None
             res = score_sequences(
                 job.bm,
                 topo,
@@ -179,6 +211,7 @@ def peer_scoring(job: BranchJob, peer_rolls: dict[str, Rollouts], students: list
                 cfg.parallel.micro_batch_size,
                 cfg.rollout.logprob_chunk,
                 dev,
+                _vlm(job, media),
             )
             if res is not None:
                 mine[s] = res  # fmt: skip
@@ -193,22 +226,25 @@ def _placeholder(r: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(n, width), torch.zeros(n, width, k, dtype=torch.long)
 
 
-def update(job: BranchJob, rows: Rows, loss_fn) -> dict:
+def update(job: BranchJob, rows: Rows, loss_fn, media: RowMedia | None = None) -> dict:
     """Optimizer step(s) on the combined GRPO + OPD rows; loss and edge telemetry.
 
     With ``grpo.updates_per_batch`` > 1 the old-policy log-probs are computed once, before the
     first update; with ``grpo.kl_coef`` > 0 the frozen reference model scores the rows too.
+    ``media``: the rows' media (``vision.enabled``), attached to every microbatch.
     """
     topo, cfg = job.rt.topo, job.cfg
     width = metric_width(len(job.edges))
     extra = {}
     if cfg.grpo.updates_per_batch > 1:
-        extra["old_logp"] = _row_logprobs(job, job.bm, rows)
+        extra["old_logp"] = _row_logprobs(job, job.bm, rows, media)
     if job.ref is not None:
-        extra["ref_logp"] = _row_logprobs(job, job.ref, rows)
+        extra["ref_logp"] = _row_logprobs(job, job.ref, rows, media)
     metrics: dict = {}
     for _ in range(cfg.grpo.updates_per_batch):
         mbs = microbatches(rows, cfg.parallel.micro_batch_size, job.rt.device, extra)
+        if media is not None:
+            mbs = _media_spec(job).attach(mbs, media, cfg.parallel.micro_batch_size)
         out = run_microbatches(job.bm, topo, mbs, loss_fn)
         vec = sum((o["metrics"] for o in out), torch.zeros(width))
         finite = all_finite([float(vec[0])], job.rt.topo.branch_group)
@@ -222,7 +258,7 @@ def update(job: BranchJob, rows: Rows, loss_fn) -> dict:
     return metrics
 
 
-def _row_logprobs(job: BranchJob, bm, rows: Rows) -> torch.Tensor:
+def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> torch.Tensor:
     """Token-aligned log-probs ``[N, L]`` of the rows under ``bm`` (zeros off the last stage)."""
     cfg = job.cfg
     res = score_sequences(
@@ -234,6 +270,7 @@ def _row_logprobs(job: BranchJob, bm, rows: Rows) -> torch.Tensor:
         cfg.parallel.micro_batch_size,
         cfg.rollout.logprob_chunk,
         job.rt.device,
+        _vlm(job, media),
     )
     return res[0].cpu() if res is not None else torch.zeros(rows.tokens.shape)  # fmt: skip
 

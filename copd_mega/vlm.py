@@ -217,6 +217,7 @@ def build_vlm(cfg: Config, topo: Topology):
     position embeddings and ``ln_pre`` are replicated on every TP rank.
     """
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.enums import ModelType
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
     check_vision_fits(cfg)
@@ -241,6 +242,8 @@ def build_vlm(cfg: Config, topo: Topology):
         image_token_index=PLACEHOLDER, pg_collection=topo.pg,
     )  # fmt: skip
     _attach_vision(model, cfg, topo)
+    # megatron's forward-backward schedule reads ``model_type`` (LLaVAModel sets none in 0.16)
+    model.model_type = ModelType.encoder_or_decoder
     model.to(dtype=compute_dtype(cfg))  # the patch conv and torch norms are built in fp32
     init_vlm_weights(model, cfg)
     if use_gpu():

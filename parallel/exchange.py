@@ -102,3 +102,43 @@ def return_scores(
         received[teacher] = (logp, topk)
     _batch(ops)
     return received
+
+
+def send_media(
+    topo: Topology,
+    outgoing: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    students: list[str],
+    device: torch.device,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Send the media of the rollouts in :func:`send_rollouts`, over the same peer ranks.
+
+    ``outgoing`` maps teacher branch -> (pixels ``[T, 3, H, W]`` float32 in [0, 1], meta ``[m]``
+    int64: the rows' media counts and tiles, ``multimodal.RowMedia.pack``); pixels travel
+    unchanged, so the teacher scores exactly the pixels the student sampled from. Every rank of
+    both branches takes part. Returns student branch -> (pixels, meta), valid on every rank of
+    the teacher branch. Empty tensors are not posted (their sizes travel in the header).
+    """
+    layout, rank = topo.layout, topo.rank
+    heads_in = {s: torch.zeros(4, dtype=torch.long, device=device) for s in students}
+    ops = []
+    for name, (pix, meta) in outgoing.items():
+        head = torch.tensor([pix.shape[0], pix.shape[-2], pix.shape[-1], meta.numel()])
+        ops.append(dist.P2POp(dist.isend, head.to(device), layout.peer_rank(rank, name)))
+    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in heads_in.items()]
+    _batch(ops)
+    incoming, ops = {}, []
+    for s, head in heads_in.items():
+        t, h, w, m = head.tolist()
+        pix = torch.empty(t, 3, h, w, dtype=torch.float32, device=device)
+        meta = torch.empty(m, dtype=torch.long, device=device)
+        incoming[s] = (pix, meta)
+        ops += [
+            dist.P2POp(dist.irecv, x, layout.peer_rank(rank, s)) for x in (pix, meta) if x.numel()
+        ]
+    for name, (pix, meta) in outgoing.items():
+        peer = layout.peer_rank(rank, name)
+        for x in (pix.float().contiguous().to(device), meta.long().contiguous().to(device)):
+            if x.numel():
+                ops.append(dist.P2POp(dist.isend, x, peer))
+    _batch(ops)
+    return incoming

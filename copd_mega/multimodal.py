@@ -1,0 +1,162 @@
+"""Images and video in the CoPD loop: media that travel with rollout rows, VLM microbatches.
+
+A sample's media are its images (``[3, H, W]`` each) and its video's frames (``[F, 3, H, W]``,
+sampled once by the reader with ``data.media.frame_indices``; one medium of F tiles). The prompt
+gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.vlm.with_placeholders`).
+From then on the **same pixel tensors** follow the rows: rollout -> GRPO/OPD rows -> the
+exchange to the teacher -> every microbatch, so no frame is ever sampled or decoded twice.
+
+:class:`RowMedia` holds the media of N rows as raw ``[0, 1]`` float32 (the CLIP normalisation
+is applied by :func:`copd_mega.vlm.prepare_inputs` at each forward, identically everywhere).
+:func:`text_logits` runs ``LLaVAModel`` and gathers its logits at ``text_positions``, so the
+result is token-aligned like a GPT's and ``response_logprobs``/top-k/the objective are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from copd_mega.config import Config, ConfigError
+
+
+@dataclass
+class RowMedia:
+    """Media of N rows (valid on every rank of the branch that holds the rows).
+
+    pixels [T, 3, H, W] float32 in [0, 1]: every medium's tiles, row 0's media first;
+    tiles [M] long: tiles per medium (1 per image, F per video); per_row [N] long: media per row
+    (0 for a text row).
+    """
+
+    pixels: Tensor
+    tiles: Tensor
+    per_row: Tensor
+
+    def __len__(self) -> int:
+        return int(self.per_row.numel())
+
+    @classmethod
+    def from_lists(cls, media: list[list[Tensor]], size: int) -> RowMedia:
+        """From per-row lists of media (images ``[3, H, W]`` or videos ``[F, 3, H, W]``)."""
+        flat = [m.unsqueeze(0) if m.dim() == 3 else m for row in media for m in row]
+        pixels = torch.cat([m.float() for m in flat]) if flat else torch.zeros(0, 3, size, size)
+        return cls(
+            pixels=pixels.contiguous(),
+            tiles=torch.tensor([m.shape[0] for m in flat], dtype=torch.long),
+            per_row=torch.tensor([len(row) for row in media], dtype=torch.long),
+        )
+
+    def to_lists(self) -> list[list[Tensor]]:
+        """Per-row lists of media ``[tiles, 3, H, W]`` (views into ``pixels``)."""
+        out, m, t = [], 0, 0
+        tiles = self.tiles.tolist()
+        for n in self.per_row.tolist():
+            row = []
+            for k in tiles[m : m + n]:
+                row.append(self.pixels[t : t + k])
+                t += k
+            m += n
+            out.append(row)
+        return out
+
+    def rows(self, start: int, end: int) -> RowMedia:
+        """The media of rows ``[start, end)``."""
+        lists = self.to_lists()[start:end]
+        return RowMedia.from_lists(lists, self.pixels.shape[-1])
+
+    @staticmethod
+    def cat(parts: list[RowMedia]) -> RowMedia:
+        return RowMedia(
+            pixels=torch.cat([p.pixels for p in parts]),
+            tiles=torch.cat([p.tiles for p in parts]),
+            per_row=torch.cat([p.per_row for p in parts]),
+        )
+
+    def pack(self) -> tuple[Tensor, Tensor]:
+        """``(pixels [T, 3, H, W] float32, meta [N + M] long = per_row ++ tiles)`` to send."""
+        return self.pixels.float().contiguous(), torch.cat([self.per_row, self.tiles]).long()
+
+    @classmethod
+    def unpack(cls, pixels: Tensor, meta: Tensor, n_rows: int) -> RowMedia:
+        """Inverse of :meth:`pack` for ``n_rows`` rows (tensors moved to CPU)."""
+        meta = meta.cpu()
+        return cls(pixels.cpu(), meta[n_rows:].clone(), meta[:n_rows].clone())
+
+
+def sample_media(sample: dict) -> list[Tensor]:
+    """A reader sample's media in placeholder order: its images, then its video (if any)."""
+    media = list(sample.get("images") or [])
+    if sample.get("frames") is not None:
+        media.append(sample["frames"])
+    return media
+
+
+def prompt_with_media(codec, sample: dict, vision: bool) -> tuple[list[int], list[Tensor]]:
+    """``(prompt ids, media)`` of a sample: one ``<image>`` per medium after ``<bos>``.
+
+    Raises ConfigError when a sample has media but ``vision.enabled`` is false.
+    """
+    from copd_mega.vlm import with_placeholders
+
+    ids, media = codec.prompt_ids(sample["prompt"]), sample_media(sample)
+    if not media:
+        return ids, []
+    if not vision:
+        raise ConfigError(
+            f"a {sample.get('capability', '?')!r} sample carries images/video but "
+            "vision.enabled=false; set vision.enabled=true to train on media"
+        )
+    return with_placeholders(ids, len(media), codec.image, codec.bos), media
+
+
+def prompts_and_media(
+    codec, samples: list[dict], repeat: int, vision: bool
+) -> tuple[list[list[int]], list[list[Tensor]]]:
+    """Prompt ids and media of ``samples``, each repeated ``repeat`` times (GRPO groups)."""
+    pairs = [prompt_with_media(codec, s, vision) for s in samples]
+    prompts = [p for p, _ in pairs for _ in range(repeat)]
+    media = [m for _, m in pairs for _ in range(repeat)]
+    return prompts, media
+
+
+def generate(sampler, prompts, media, params, seed: int):
+    """``sampler.generate`` with media for a VLM sampler, without for the text sampler."""
+    if getattr(sampler, "takes_media", False):
+        return sampler.generate(prompts, params, seed, media=media)
+    return sampler.generate(prompts, params, seed)
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """What building VLM inputs needs: the config, the ``<image>`` id, the pad id."""
+
+    cfg: Config
+    image_id: int
+    pad_id: int
+
+    def attach(self, mbs: list[dict], media: RowMedia, size: int) -> list[dict]:
+        """Add ``mb["vlm"]`` (a :class:`copd_mega.vlm.VLMBatch`) to microbatches of ``size``
+        rows cut from the rows ``media`` belongs to; returns ``mbs``."""
+        from copd_mega.vlm import prepare_inputs
+
+        for i, mb in enumerate(mbs):
+            sub = media.rows(i * size, i * size + mb["tokens"].shape[0])
+            mb["vlm"] = prepare_inputs(
+                self.cfg, mb["tokens"].tolist(), sub.to_lists(), self.image_id, self.pad_id,
+                mb["tokens"].device,
+            )  # fmt: skip
+        return mbs
+
+
+def text_logits(model, batch) -> Tensor:
+    """Token-aligned logits ``[B, S, V/TP]`` of a :class:`~copd_mega.vlm.VLMBatch`.
+
+    Runs ``LLaVAModel`` (logits ``[B, combined, V/TP]``, every TP rank its vocab shard) and
+    gathers position ``text_positions[b, j]``, the logit that predicts token j+1 of row b.
+    """
+    out, _ = model(**batch.forward_kwargs())
+    idx = batch.text_positions.unsqueeze(-1).expand(-1, -1, out.shape[-1])
+    return out.gather(1, idx)
