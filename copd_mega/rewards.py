@@ -134,16 +134,18 @@ def _norm_text(s: str) -> str:
 
 
 def _score_choice(response: str, gold: str) -> bool:
-    g = _GOLD_CHOICE.fullmatch(gold.strip())
-    if g is None:
-        raise ValueError(
-            f"choice gold must be a letter A-Z, optionally followed by its option text; got {gold!r}"
-        )
-    gold_letter, gold_text = g.group(1).upper(), g.group(2)
+    """A lettered gold ("B", "(B) 12 cm") matches its label or its option text; a gold that is
+    the option itself ("down") matches that option text, case and spacing aside."""
     answer, explicit = _extract(response)
     answer = re.sub(
         r"^(?:option|choice)\s+", "", _LATEX_WRAP.sub(r"\1", answer), flags=re.I
     ).strip()
+    g = _GOLD_CHOICE.fullmatch(gold.strip())
+    if g is None:
+        if not gold.strip():
+            raise ValueError("choice gold is empty: give a letter A-Z or the option's text")
+        return _norm_text(answer) == _norm_text(gold)
+    gold_letter, gold_text = g.group(1).upper(), g.group(2)
     bare = _BARE_LABEL.fullmatch(answer)
     label = bare or (_LABEL_PREFIX.match(answer) if explicit else None)
     if label is not None and label.group(1).upper() == gold_letter:

@@ -106,7 +106,16 @@ def test_errors():
     with pytest.raises(ValueError, match="'regex'.*math, exact, choice"):
         score_one("x", "x", "regex")
     with pytest.raises(ValueError, match="choice gold"):
-        score_one("\\boxed{A}", "Paris", "choice")
+        score_one("\\boxed{A}", "  ", "choice")
+
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [("down", "down", 1.0), (" Down.", "down", 1.0), ("Answer: left", "left", 1.0),
+     ("up", "down", 0.0), ("A", "down", 0.0), ("\\boxed{A}", "Paris", 0.0)],
+)  # fmt: skip
+def test_choice_whose_gold_is_the_option_text(response, gold, expected):
+    assert score_one(response, gold, "choice") == expected
 
 
 # --- the pool --------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ def test_pool_matches_score_one(pool):
         pool.score([GOOD, ("x", "x", "regex")])
     # A malformed gold raises inside the worker: scored 0, counted as an error, worker lives on.
     pids = pool.worker_pids
-    assert pool.score_with_metrics([("\\boxed{A}", "Paris", "choice")]) == (
+    assert pool.score_with_metrics([("\\boxed{A}", "  ", "choice")]) == (
         [0.0],
         {"ok": 0, "timeout": 0, "error": 1},
     )
