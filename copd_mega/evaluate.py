@@ -73,8 +73,8 @@ def main(argv: list[str]) -> int:
     from copd_mega.checkpoint import load_model
     from copd_mega.config import ConfigError, load_config
     from copd_mega.model import build_gpt
-    from copd_mega.rollout import MegatronSampler
     from copd_mega.runtime import shutdown, start
+    from copd_mega.vlm_rollout import make_sampler
 
     ap = argparse.ArgumentParser(prog="copd eval", description=__doc__)
     ap.add_argument("--config", required=True)
@@ -94,8 +94,13 @@ def main(argv: list[str]) -> int:
         print(f"copd eval: {e}", file=sys.stderr)
         return 1
     rt = start(cfg)
-    model = build_gpt(cfg, rt.topo)
-    sampler = MegatronSampler(model, rt.topo, cfg)
+    if cfg.vision.enabled:
+        from copd_mega.vlm import build_vlm
+
+        model = build_vlm(cfg, rt.topo)
+    else:
+        model = build_gpt(cfg, rt.topo)
+    sampler = make_sampler(model, rt.topo, cfg, rt.codec)
     judge = Judge(rt.topo, rt.device)
     rows = {}
     for ckpt in args.ckpt:
