@@ -98,22 +98,30 @@ def branch_seed(cfg: Config, branch_index: int) -> int:
     return cfg.seed + 1009 * (branch_index + 1)
 
 
+def prepare_megatron_runtime(cfg: Config, topo: Topology) -> None:
+    """Process state megatron modules need before they are built (no process groups).
+
+    The local attention takes its scratch from megatron's global memory buffer, and the TP RNG
+    tracker gets this branch's streams (dropout regions); weights use ``cfg.seed`` alone.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        branch_seed(cfg, topo.branch.index), tp_rank=topo.tp_rank, ep_rank=0, etp_rank=0
+    )
+
+
 def build_gpt(cfg: Config, topo: Topology):
     """The bare ``GPTModel`` chunk for this rank's PP stage (not DDP-wrapped).
 
     Weights come from :func:`init_weights`: identical on every branch and split.
     """
-    from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
     m = cfg.model
-    # The local attention takes its scratch from megatron's global memory buffer (not a group).
-    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
-        parallel_state._set_global_memory_buffer()
-    # Per-branch RNG streams for megatron's tracker (dropout regions); weights use cfg.seed alone.
-    tensor_parallel.model_parallel_cuda_manual_seed(
-        branch_seed(cfg, topo.branch.index), tp_rank=topo.tp_rank, ep_rank=0, etp_rank=0
-    )
+    prepare_megatron_runtime(cfg, topo)
     model = GPTModel(
         config=transformer_config(cfg),
         transformer_layer_spec=layer_spec(),

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from copd_mega.config import Config, ConfigError
 from copd_mega.model import (
     BranchModel,
-    branch_seed,
     compute_dtype,
     init_weights,
     layer_spec,
     padded_vocab_size,
+    prepare_megatron_runtime,
     tp_slice,
     transformer_config,
     use_gpu,
@@ -216,17 +216,12 @@ def build_vlm(cfg: Config, topo: Topology):
     Every TP rank holds its shard of the ViT, projector and LM; the patch conv, class token,
     position embeddings and ``ln_pre`` are replicated on every TP rank.
     """
-    from megatron.core import parallel_state, tensor_parallel
     from megatron.core.enums import ModelType
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
     check_vision_fits(cfg)
     m, v = cfg.model, cfg.vision
-    if parallel_state._GLOBAL_MEMORY_BUFFER is None:  # local attention's scratch, not a group
-        parallel_state._set_global_memory_buffer()
-    tensor_parallel.model_parallel_cuda_manual_seed(
-        branch_seed(cfg, topo.branch.index), tp_rank=topo.tp_rank, ep_rank=0, etp_rank=0
-    )
+    prepare_megatron_runtime(cfg, topo)
     model = LLaVAModel(
         language_transformer_config=transformer_config(cfg),
         language_transformer_layer_spec=layer_spec(),
