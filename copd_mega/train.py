@@ -49,8 +49,14 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     """Run the configured job to the end; returns the evaluation table (on global rank 0)."""
     job = build_job(cfg)
     table: dict[str, dict[str, float]] = {}
-    if not (cfg.checkpoint.resume and resume(job)):
+    base_file = Path(cfg.run_dir) / "eval_base.json"
+    if cfg.checkpoint.resume and resume(job):
+        if base_file.exists():  # the base row of the table survives a resume
+            table.update(json.loads(base_file.read_text()))
+    else:
         table.update(evaluate_shared_model(job, "base"))
+        if dist.get_rank() == 0:
+            base_file.write_text(json.dumps(table, indent=2))
     loss_fn = make_loss_fn(cfg, job.rt.topo, job.edges)
     stop = cfg.schedule.stop_after
     for done, plan in enumerate(remaining_steps(job.plan, job.state), start=1):

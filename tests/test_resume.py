@@ -42,3 +42,4 @@ def test_resume_equals_uninterrupted(tmp_path):
     ta = json.loads((whole / "eval.json").read_text())
     tb = json.loads((parts / "eval.json").read_text())
     assert ta["merged"] == tb["merged"]
+    assert ta["base"] == tb["base"]  # the base row survives the resume
