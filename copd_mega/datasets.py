@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError
 from copd_mega.data.reader import ShardReader
-from copd_mega.data.synthetic import TEXT_CAPABILITIES
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
 
 
@@ -132,7 +131,3 @@ class PromptCodec:
         if self.eos in ids:
             ids = ids[: ids.index(self.eos)]
         return self.tok.decode(ids, skip_special_tokens=True)
-
-
-def default_text_capabilities() -> tuple[str, ...]:
-    return TEXT_CAPABILITIES

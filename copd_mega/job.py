@@ -172,18 +172,15 @@ def evaluate_shared_model(job: BranchJob, label: str) -> dict[str, dict[str, flo
     caps = eval_caps(job.cfg)
     idx, nb = job.rt.topo.branch.index, len(job.cfg.branches)
     accs = evaluate(job.rt, job.sampler, job.judge, caps[idx::nb], job.cfg.data.n_eval)
-    rows: list = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, accs if job.rt.topo.is_branch_leader else {})
-    merged: dict[str, float] = {}
-    for r in rows:
-        merged.update(r)
+    merged = _gather_rows(job, accs)
     return {label: {c: merged[c] for c in caps}}
 
 
-def _gather_rows(job: BranchJob, mine: dict) -> dict[str, dict[str, float]]:
+def _gather_rows(job: BranchJob, mine: dict) -> dict:
+    """Union of every branch leader's dict, on every rank (collective over the world)."""
     rows: list = [None] * dist.get_world_size()
     dist.all_gather_object(rows, mine if job.rt.topo.is_branch_leader else {})
-    merged: dict[str, dict[str, float]] = {}
+    merged: dict = {}
     for r in rows:
         merged.update(r)
     return merged

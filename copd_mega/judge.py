@@ -32,7 +32,6 @@ class Judge:
         self.pool = (
             RewardPool(num_workers=num_workers, timeout_s=timeout_s) if self.is_scorer else None
         )
-        self.counts = {"ok": 0, "timeout": 0, "error": 0}
 
     def score(self, items: list[tuple[str, str, str]]) -> tuple[torch.Tensor, dict[str, int]]:
         """Rewards ``[len(items)]`` float32 and this call's status counts, on every replica rank."""
@@ -47,8 +46,6 @@ class Judge:
             buf = buf.cpu()
         ok, timeout, error = (int(x) for x in buf[len(items) :].tolist())
         call = {"ok": ok, "timeout": timeout, "error": error}
-        for k, v in call.items():
-            self.counts[k] += v
         return buf[: len(items)], call
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ from copd_mega.checkpoint import (
     save_config,
 )
 from copd_mega.config import Config, load_config
+from copd_mega.parallel.merge import normalise_weights
 
 BLOCK_BYTES = 256 * 2**20  # rows per produced block: at most this many bytes (at least one row)
 
@@ -284,9 +285,7 @@ def merge_weights(weights: list[float] | None, n: int) -> list[float]:
         return [1.0 / n] * n
     if len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} values for {n} inputs; give one per input")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--weights {weights}: use non-negative weights with a positive sum")
-    return [w / sum(weights) for w in weights]
+    return normalise_weights(weights, "--weights")
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:

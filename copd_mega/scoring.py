@@ -40,7 +40,8 @@ def score_sequences(
     device: torch.device,
     vlm: Callable[[list[dict]], list[dict]] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
-    """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``.
+    """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``
+    (``top_k=0``: log-probs only, the ids come back as ``[N, L, 0]``).
 
     Token-aligned (position t scores token t given tokens < t; position 0 is 0). Every rank of
     the branch calls it with the same tokens; the result is valid on the **last PP stage, every
@@ -50,7 +51,10 @@ def score_sequences(
 
     def loss_fn(mb: dict, logits: Tensor):
         logp = response_logprobs(logits, mb["tokens"], topo.pg.tp, vocab_size, chunk)
-        topk = aligned_topk(logits, top_k, topo.pg.tp, vocab_size, chunk)
+        if top_k:
+            topk = aligned_topk(logits, top_k, topo.pg.tp, vocab_size, chunk)
+        else:  # log-probs only (old / reference policy): no top-k work
+            topk = torch.zeros(*logp.shape, 0, dtype=torch.long, device=logp.device)
         zero = logits.new_zeros(())
         return zero, torch.ones((), dtype=torch.int), {"logp": logp.float(), "topk": topk}
 

@@ -271,7 +271,7 @@ def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> tor
         bm,
         job.rt.topo,
         rows.tokens,
-        cfg.opd.top_k,
+        0,  # log-probs only
         cfg.model.vocab_size,
         cfg.parallel.micro_batch_size,
         cfg.rollout.logprob_chunk,

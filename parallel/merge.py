@@ -14,13 +14,13 @@ import torch.distributed as dist
 from copd_mega.parallel.topology import Topology
 
 
-def normalise_weights(weights: list[float]) -> list[float]:
-    """Merge weights scaled to sum to one; raises when none is positive."""
+def normalise_weights(
+    weights: list[float], setting: str = "branches.*.merge_weight"
+) -> list[float]:
+    """Merge weights scaled to sum to one; raises naming ``setting`` when none is positive."""
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(
-            f"merge weights {weights} must be >= 0 with a positive sum: set branches.*.merge_weight"
-        )
+        raise ValueError(f"merge weights {weights} must be >= 0 with a positive sum: set {setting}")
     return [w / total for w in weights]
 
 
