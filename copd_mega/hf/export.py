@@ -1,6 +1,7 @@
 """``copd export-hf --ckpt M --out DIR``: a model checkpoint as a Hugging Face model directory.
 
-Writes ``config.json`` (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``), ``generation_config.json``,
+Writes ``config.json`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``),
+``generation_config.json``,
 ``model-0000i-of-0000N.safetensors`` shards of at most ``--max-shard-size`` with
 ``model.safetensors.index.json``, and the tokenizer when the checkpoint carries ``tokenizer.json``.
 The checkpoint's global tensors are read layer by layer (any TP/PP split wrote them), the fused
@@ -19,7 +20,7 @@ import torch
 
 from copd_mega.checkpoint import CheckpointError
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import hf_config
+from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, hf_config
 from copd_mega.merge import CheckpointReader, progress_bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,7 +96,7 @@ def export_tensors(reader: CheckpointReader, writer: ShardWriter, dtype: torch.d
     for i in range(m.num_layers):
         layer = {k: t[0] for k, t in reader.read({k: (i, i + 1) for k in layer_keys}).items()}
         hf = mp.layer_to_hf({k: t.to(dtype) for k, t in layer.items()}, i, m)
-        if m.qkv_bias and m.family == "llama":  # HF Llama's attention_bias also biases o_proj
+        if m.qkv_bias and m.family in O_PROJ_BIAS_FAMILIES:  # attention_bias also biases o_proj
             hf[mp.hf_layer(i, "self_attn.o_proj.bias")] = torch.zeros(m.hidden_size, dtype=dtype)
         for name, t in hf.items():
             writer.add(name, t)
@@ -125,7 +126,7 @@ def hf_nbytes(reader: CheckpointReader, dtype: torch.dtype) -> int:
     numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
     padded_rows = reader.specs[mp.EMBEDDING].shape[0] - m.vocab_size
     numel -= padded_rows * m.hidden_size * (1 if m.tie_embeddings else 2)
-    numel += m.num_layers * m.hidden_size if m.qkv_bias and m.family == "llama" else 0
+    numel += m.num_layers * m.hidden_size if m.qkv_bias and m.family in O_PROJ_BIAS_FAMILIES else 0
     return numel * dtype.itemsize
 
 
