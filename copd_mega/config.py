@@ -169,7 +169,11 @@ class DataConfig:
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 1234
-    prompt_template: str = "{prompt}"
+    prompt_template: str = "{prompt}"  # the user message (or whole prompt without a chat template)
+    # With an HF tokenizer (checkpoint.init_from_hf): render prompts through its chat template.
+    chat_template: bool = True
+    system_prompt: str = ""  # a system turn before the user turn (chat template only)
+    enable_thinking: bool = False  # the template's reasoning switch (Qwen3 `enable_thinking`)
 
 
 @dataclass
@@ -177,6 +181,9 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     init_from: str = ""  # checkpoint directory to start every branch from (a base model)
+    # HF model directory to start every branch from: converted once to RUN/hf_init, its
+    # config.json fills model.*, its tokenizer and chat template are the run's.
+    init_from_hf: str = ""
     resume: bool = False  # continue from RUN/checkpoints/latest (also `copd train --resume`)
 
 
@@ -316,9 +323,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
     else:
         data = to_dict(Config())
+    given = set(data.get("model") or {}) if path is not None else set()
     for ov in overrides or []:
         apply_override(data, ov)
+        key = ov.split("=", 1)[0].strip()
+        given |= {key.split(".")[1]} if key.startswith("model.") else set()
     cfg = _to_dataclass(data, Config)
+    if cfg.checkpoint.init_from_hf:  # model.* from the HF config.json (mismatches are errors)
+        from copd_mega.hf.config_from_hf import apply_hf_model_config
+
+        apply_hf_model_config(cfg, given)
     validate(cfg)
     return cfg
 
@@ -376,6 +390,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.family=qwen3 uses QK-norm: set model.qk_layernorm=true")
     if m.qk_layernorm and cfg.vision.enabled:
         raise ConfigError("model.qk_layernorm=true with vision.enabled=true is not supported")
+    if cfg.checkpoint.init_from_hf and cfg.checkpoint.init_from:
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} and checkpoint.init_from_hf="
+            f"{cfg.checkpoint.init_from_hf!r} are both set; keep one"
+        )
+    if cfg.checkpoint.init_from_hf and cfg.vision.enabled:
+        raise ConfigError(
+            "checkpoint.init_from_hf with vision.enabled=true: import the LLaVA model with "
+            "`copd import-hf` and start from it with checkpoint.init_from"
+        )
     if not cfg.branches:
         raise ConfigError("branches: configure at least one branch")
     names = cfg.branch_names

@@ -5,7 +5,8 @@ to Megatron's (fused interleaved QKV, ``[gate; up]``, vocabulary padded with zer
 multiple of ``pad_vocab_to * tp``) and writes an ordinary model checkpoint plus ``config.yaml``
 whose ``model.*`` is filled from ``config.json`` (``parallel.tp`` set to ``--tp``). The checkpoint
 loads at any TP/PP split; ``--tp`` only sets the padding. Tensors are read lazily, one layer at a
-time. ``tokenizer.json`` is carried over when present.
+time. The tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with its chat template,
+``generation_config.json``, ...) are carried over when present.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from copd_mega.config import Config, validate
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, UnsupportedHFModel, model_config_from_hf
+from copd_mega.hf.init_from_hf import copy_tokenizer_files
 from copd_mega.merge import TensorSpec, write_checkpoint
 from copd_mega.model import padded_vocab_size
 
@@ -121,7 +123,7 @@ def import_hf(
     padded = padded_vocab_size(cfg.model.vocab_size, pad_vocab_to, tp)
     specs = mp.megatron_specs(cfg.model, padded, torch_dtype)
     tokenizer = hf_dir / "tokenizer.json"
-    return write_checkpoint(
+    path = write_checkpoint(
         out,
         specs,
         make_producer(st, cfg, torch_dtype),
@@ -130,6 +132,8 @@ def import_hf(
         label="import",
         progress=progress,
     )
+    copy_tokenizer_files(hf_dir, path)
+    return path
 
 
 def _model_type(hf_dir: str) -> str | None:
