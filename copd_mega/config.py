@@ -26,9 +26,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A Llama/Qwen2/Qwen3-family decoder (RMSNorm, SwiGLU, RoPE, GQA) as a Megatron GPTModel."""
 
-    family: str = (
-        "llama"  # llama | qwen2 | qwen3 (the HF class; qwen2: qkv_bias, qwen3: qk_layernorm)
-    )
+    family: str = "llama"  # llama | qwen2 (qkv_bias) | qwen3 (qk_layernorm): the HF class
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 128
