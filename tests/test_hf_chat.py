@@ -98,7 +98,7 @@ def test_model_config_comes_from_the_hf_directory(qwen3_dir, tmp_path, capsys):
         f"checkpoint:\n  init_from_hf: {qwen3_dir}\nbranches: [{{name: a}}, {{name: b}}]\n"
     )
     assert plan_main(["--config", str(yaml_file), "--world-size", "2"]) == 0
-    assert "model qwen3" in capsys.readouterr().out
+    assert "qwen3" in capsys.readouterr().out  # the layout names the model read from HF
     saved = tmp_path / "saved.yaml"  # a saved config states every key: loads without the HF dir
     save_config(cfg, saved)
     moved = qwen3_dir.with_name("moved")
