@@ -96,16 +96,18 @@ def _convert_hf_once(cfg: Config, leader: bool) -> None:
     """Rank 0 converts ``checkpoint.init_from_hf``; its error is raised on every rank."""
     from copd_mega.hf.init_from_hf import prepare_hf_init
 
-    error = None
+    error, failure = None, None
     if leader:
         try:
             prepare_hf_init(cfg, progress=cfg.logging.progress)
-        except ConfigError as e:
-            error = str(e)
+        except Exception as e:  # every rank must leave the gather below, not only this one
+            error, failure = f"converting checkpoint.init_from_hf failed: {e}", e
     if dist.is_initialized():
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)
+    if failure is not None:
+        raise failure
     if error:
         raise ConfigError(error)
 
