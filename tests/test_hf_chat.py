@@ -131,3 +131,31 @@ def test_hf_init_is_converted_once_and_checked(qwen3_dir, tmp_path):
         prepare_hf_init(cfg2)
     saved = json.loads((cache / "hf_source.json").read_text())
     assert saved["path"] == str(qwen3_dir.resolve())
+
+
+def _prepare(rank: int, overrides: list[str]) -> str:
+    from copd_mega.config import load_config
+    from copd_mega.datasets import prepare_data
+    from copd_mega.parallel.dist import init_distributed
+
+    init_distributed()
+    try:
+        prepare_data(load_config(None, overrides))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+@pytest.mark.multiproc
+def test_failed_conversion_is_raised_on_every_rank(tmp_path):
+    """Rank 0 converts; when that fails every rank raises (none waits forever at a barrier)."""
+    from multiproc import spawn
+
+    hf = make_qwen3_dir(tmp_path / "qwen3")
+    (hf / "model.safetensors").unlink()
+    over = [f"checkpoint.init_from_hf={hf}", f"run_dir={tmp_path}/run",
+            "branches=[{name: a, data: arith}, {name: b, data: arith}]", "data.n_train=8"]  # fmt: skip
+    first, second = spawn(_prepare, 2, over, timeout=300)
+    for error in (first, second):
+        assert error.startswith("ConfigError") and "no model.safetensors" in error
+    assert not (tmp_path / "run" / "hf_init").exists()
