@@ -159,3 +159,21 @@ def test_failed_conversion_is_raised_on_every_rank(tmp_path):
     for error in (first, second):
         assert error.startswith("ConfigError") and "no model.safetensors" in error
     assert not (tmp_path / "run" / "hf_init").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.family=qwen3"], "set model.qk_layernorm=true"),
+        (["model.head_dim=-1"], "model.head_dim=-1 must be >= 0"),
+        (["model.hidden_size=30"], "set model.head_dim"),
+        (["checkpoint.init_from=a", "checkpoint.init_from_hf={hf}"], "both set; keep one"),
+    ],
+)
+def test_model_settings_are_validated(qwen3_dir, overrides, message):
+    from copd_mega.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [o.format(hf=qwen3_dir) for o in overrides])
+    if overrides == ["model.hidden_size=30"]:  # with head_dim any hidden size works
+        assert load_config(None, [*overrides, "model.head_dim=8"]).model.kv_channels == 8
