@@ -24,23 +24,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A Llama/Qwen2-family decoder (RMSNorm, SwiGLU, RoPE, GQA) built as a Megatron GPTModel."""
+    """A Llama/Qwen2/Qwen3-family decoder (RMSNorm, SwiGLU, RoPE, GQA) as a Megatron GPTModel."""
 
-    family: str = "llama"  # llama | qwen2 (decides the HF export class; qwen2 implies qkv_bias)
+    family: str = "llama"  # llama | qwen2 (qkv_bias) | qwen3 (qk_layernorm): the HF class
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int = 2  # GQA: key/value heads
+    head_dim: int = 0  # per-head channels (kv_channels); 0 = hidden_size / num_attention_heads
     vocab_size: int = 128  # tokenizer's size; padded to a multiple of pad_vocab_to * TP
     pad_vocab_to: int = 8
     max_seq_length: int = 128
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-6
     qkv_bias: bool = False
+    qk_layernorm: bool = False  # per-head RMSNorm on queries and keys (Qwen3)
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+    @property
+    def kv_channels(self) -> int:
+        """Channels per attention head: ``head_dim``, or hidden_size / heads when it is 0."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -160,7 +167,11 @@ class DataConfig:
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 1234
-    prompt_template: str = "{prompt}"
+    prompt_template: str = "{prompt}"  # the user message (or whole prompt without a chat template)
+    # With an HF tokenizer (checkpoint.init_from_hf): render prompts through its chat template.
+    chat_template: bool = True
+    system_prompt: str = ""  # a system turn before the user turn (chat template only)
+    enable_thinking: bool = False  # the template's reasoning switch (Qwen3 `enable_thinking`)
 
 
 @dataclass
@@ -168,6 +179,9 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     init_from: str = ""  # checkpoint directory to start every branch from (a base model)
+    # HF model directory to start every branch from: converted once to RUN/hf_init, its
+    # config.json fills model.*, its tokenizer and chat template are the run's.
+    init_from_hf: str = ""
     resume: bool = False  # continue from RUN/checkpoints/latest (also `copd train --resume`)
 
 
@@ -307,9 +321,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
     else:
         data = to_dict(Config())
+    given = set(data.get("model") or {}) if path is not None else set()
     for ov in overrides or []:
         apply_override(data, ov)
+        key = ov.split("=", 1)[0].strip()
+        given |= {key.split(".")[1]} if key.startswith("model.") else set()
     cfg = _to_dataclass(data, Config)
+    if cfg.checkpoint.init_from_hf:  # model.* from the HF config.json (mismatches are errors)
+        from copd_mega.hf.config_from_hf import apply_hf_model_config
+
+        apply_hf_model_config(cfg, given)
     validate(cfg)
     return cfg
 
@@ -317,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ----------------------------------------------------------------------------- validation
 
 _CHOICES = {
-    "model.family": ("llama", "qwen2"),
+    "model.family": ("llama", "qwen2", "qwen3"),
     "model.dtype": ("auto", "fp32", "bf16"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "teaching.graph": ("pairwise", "hub_spoke", "ring", "none"),
@@ -349,10 +370,12 @@ def validate(cfg: Config) -> None:
         if _get(cfg, dotted) <= 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be positive")
     m = cfg.model
-    if m.hidden_size % m.num_attention_heads:
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be >= 0 (0 = hidden / heads)")
+    if not m.head_dim and m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}"
+            f"model.num_attention_heads={m.num_attention_heads}; set model.head_dim"
         )
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
@@ -361,6 +384,20 @@ def validate(cfg: Config) -> None:
         )
     if m.family == "qwen2" and not m.qkv_bias:
         raise ConfigError("model.family=qwen2 uses QKV bias: set model.qkv_bias=true")
+    if m.family == "qwen3" and not m.qk_layernorm:
+        raise ConfigError("model.family=qwen3 uses QK-norm: set model.qk_layernorm=true")
+    if m.qk_layernorm and cfg.vision.enabled:
+        raise ConfigError("model.qk_layernorm=true with vision.enabled=true is not supported")
+    if cfg.checkpoint.init_from_hf and cfg.checkpoint.init_from:
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} and checkpoint.init_from_hf="
+            f"{cfg.checkpoint.init_from_hf!r} are both set; keep one"
+        )
+    if cfg.checkpoint.init_from_hf and cfg.vision.enabled:
+        raise ConfigError(
+            "checkpoint.init_from_hf with vision.enabled=true: import the LLaVA model with "
+            "`copd import-hf` and start from it with checkpoint.init_from"
+        )
     if not cfg.branches:
         raise ConfigError("branches: configure at least one branch")
     names = cfg.branch_names

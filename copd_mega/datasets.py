@@ -8,12 +8,13 @@ capabilities are generated once under ``RUN/data`` by global rank 0 (the others 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch.distributed as dist
 
-from copd_mega.config import Config, ConfigError
+from copd_mega.config import Config, ConfigError, DataConfig
 from copd_mega.data.reader import ShardReader
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
 
@@ -48,15 +49,21 @@ def shard_paths(cfg: Config, spec: str, split: str) -> list[Path]:
 
 
 def prepare_data(cfg: Config) -> Path:
-    """Make sure every branch's shards and the tokenizer exist; returns the tokenizer path.
+    """Make sure every branch's shards and the tokenizer exist; returns the tokenizer path
+    (a ``tokenizer.json``, or with ``checkpoint.init_from_hf`` the HF tokenizer's directory).
 
     With ``data.dir`` empty, global rank 0 synthesises the built-in capabilities the config
-    uses (idempotent), then every rank waits at a barrier. Call on every rank.
+    uses (idempotent); with ``checkpoint.init_from_hf`` it converts the HF model once into
+    ``RUN/hf_init`` (whose tokenizer is then the run's, and whose path is returned). Every rank
+    then waits at a barrier. Call on every rank.
     """
     root = data_root(cfg)
     tok_path = root / "tokenizer.json"
     needed = sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
-    if not cfg.data.dir and (not dist.is_initialized() or dist.get_rank() == 0):
+    leader = not dist.is_initialized() or dist.get_rank() == 0
+    if cfg.checkpoint.init_from_hf:
+        _convert_hf_once(cfg, leader)
+    if not cfg.data.dir and leader:
         from copd_mega.data.cli import main as data_main
 
         root.mkdir(parents=True, exist_ok=True)
@@ -71,14 +78,38 @@ def prepare_data(cfg: Config) -> Path:
             save_tokenizer(build_tokenizer(), tok_path)
     if dist.is_initialized():
         dist.barrier()
+    for b in cfg.branches:
+        shard_paths(cfg, b.data, "train")
+    if cfg.checkpoint.init_from_hf:
+        from copd_mega.hf.init_from_hf import hf_init_dir
+
+        return hf_init_dir(cfg)
     if not tok_path.exists():
         raise ConfigError(
             f"tokenizer {tok_path} not found; data.dir must hold tokenizer.json "
             "(`copd data synth ... --tokenizer DIR/tokenizer.json` writes one)"
         )
-    for b in cfg.branches:
-        shard_paths(cfg, b.data, "train")
     return tok_path
+
+
+def _convert_hf_once(cfg: Config, leader: bool) -> None:
+    """Rank 0 converts ``checkpoint.init_from_hf``; its error is raised on every rank."""
+    from copd_mega.hf.init_from_hf import prepare_hf_init
+
+    error, failure = None, None
+    if leader:
+        try:
+            prepare_hf_init(cfg, progress=cfg.logging.progress)
+        except Exception as e:  # every rank must leave the gather below, not only this one
+            error, failure = f"converting checkpoint.init_from_hf failed: {e}", e
+    if dist.is_initialized():
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if failure is not None:
+        raise failure
+    if error:
+        raise ConfigError(error)
 
 
 def make_reader(
@@ -104,7 +135,8 @@ def make_reader(
 
 
 class PromptCodec:
-    """Tokenises prompts and answers with the run's tokenizer and the config's template."""
+    """Tokenises prompts and answers with the built-in character tokenizer and the config's
+    template (the default for the synthetic tasks)."""
 
     def __init__(self, tokenizer_path: str | Path, template: str = "{prompt}") -> None:
         self.path = Path(tokenizer_path)
@@ -131,3 +163,89 @@ class PromptCodec:
         if self.eos in ids:
             ids = ids[: ids.index(self.eos)]
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class ChatCodec:
+    """The HF model's own tokenizer: prompts rendered through its chat template, its end-of-turn
+    ids for stopping (``checkpoint.init_from_hf``).
+
+    ``prompt_ids`` is ``apply_chat_template([system?, user], add_generation_prompt=True,
+    enable_thinking=data.enable_thinking)`` with the user turn ``data.prompt_template`` filled
+    in, tokenised without further special tokens (what an HF user feeds ``generate``); without a
+    chat template (or ``data.chat_template=false``) the filled template is tokenised as the
+    tokenizer does by default. ``eos`` is every end id (tokenizer eos first, then
+    ``generation_config.json``'s ``eos_token_id``): a response ends at any of them.
+    """
+
+    image = None  # no vision model on this path (config validation refuses it)
+
+    def __init__(self, hf_dir: str | Path, data: DataConfig) -> None:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        self.hf_dir = Path(hf_dir)
+        path = self.hf_dir / "tokenizer.json"
+        if (self.hf_dir / "tokenizer_config.json").is_file():
+            self.tok = AutoTokenizer.from_pretrained(str(self.hf_dir))
+        elif path.is_file():
+            self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        else:
+            raise ConfigError(
+                f"{self.hf_dir}: no tokenizer_config.json or tokenizer.json; the HF model "
+                "directory of checkpoint.init_from_hf must hold its tokenizer"
+            )
+        self.path = path if path.is_file() else None
+        self.eos = end_ids(self.tok, self.hf_dir)
+        self.eos_id = self.eos[0]  # ends a supervised answer
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos = self.tok.bos_token_id
+        self.template, self.system = data.prompt_template, data.system_prompt
+        self.thinking = data.enable_thinking
+        self.chat = data.chat_template and self.tok.chat_template is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The rendered prompt's ids (ending with the assistant turn's opening)."""
+        content = self.template.format(prompt=prompt)
+        if not self.chat:
+            return self.tok(content)["input_ids"]
+        turns = [{"role": "system", "content": self.system}] if self.system else []
+        text = self.tok.apply_chat_template(
+            turns + [{"role": "user", "content": content}], tokenize=False,
+            add_generation_prompt=True, enable_thinking=self.thinking,
+        )  # fmt: skip
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """``ids(answer) + [end of turn]``: the target of supervised training."""
+        return self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of a response, cut at the first end id (a reasoning block stays in the text)."""
+        cut = next((i for i, t in enumerate(ids) if t in self.eos), len(ids))
+        return self.tok.decode(ids[:cut], skip_special_tokens=True)
+
+
+def end_ids(tok, hf_dir: Path) -> tuple[int, ...]:
+    """Ids that end a response: the tokenizer's eos, then generation_config.json's eos ids."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    gen = hf_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not ids:
+        raise ConfigError(
+            f"{hf_dir}: neither tokenizer_config.json nor generation_config.json names an EOS "
+            "token; set eos_token in tokenizer_config.json"
+        )
+    return tuple(dict.fromkeys(ids))
+
+
+def make_codec(cfg: Config, tok_path: Path) -> PromptCodec | ChatCodec:
+    """The run's codec: the HF model's tokenizer with ``checkpoint.init_from_hf`` (``tok_path``
+    is then its directory, from :func:`prepare_data`), the character tokenizer otherwise."""
+    if cfg.checkpoint.init_from_hf:
+        return ChatCodec(tok_path, cfg.data)
+    return PromptCodec(tok_path, cfg.data.prompt_template)

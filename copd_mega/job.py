@@ -17,8 +17,9 @@ import torch.distributed as dist
 from copd_mega.checkpoint import load_latest, load_model, save_model
 from copd_mega.config import Config, ConfigError, to_dict
 from copd_mega.data.reader import ShardReader
-from copd_mega.datasets import capabilities_of, make_reader
+from copd_mega.datasets import ChatCodec, capabilities_of, make_reader
 from copd_mega.evaluate import evaluate, format_table
+from copd_mega.hf.init_from_hf import copy_tokenizer_files, hf_init_dir
 from copd_mega.judge import Judge
 from copd_mega.metrics import MetricsLogger
 from copd_mega.model import BranchModel, build_branch_model, build_gpt
@@ -86,6 +87,14 @@ def schedule_plan(cfg: Config, edges: list[tuple[str, str]]) -> list[StepPlan]:
         raise ConfigError(str(e)) from e
 
 
+def init_checkpoint(cfg: Config) -> str:
+    """The model checkpoint every branch starts from: ``checkpoint.init_from``, or the converted
+    ``checkpoint.init_from_hf`` (``RUN/hf_init``, made by ``prepare_data``), or "" (fresh)."""
+    if cfg.checkpoint.init_from_hf:
+        return str(hf_init_dir(cfg))
+    return cfg.checkpoint.init_from
+
+
 def build_job(cfg: Config) -> BranchJob:
     """Start the process group and build this rank's branch job (resuming when asked)."""
     rt = start(cfg)
@@ -95,8 +104,9 @@ def build_job(cfg: Config) -> BranchJob:
     bm = build_branch_model(cfg, topo)
     prepare_for_training(bm, topo)
     ref = None
-    if cfg.checkpoint.init_from:  # every branch starts from the same base
-        load_model(cfg.checkpoint.init_from, bm, topo)
+    init = init_checkpoint(cfg)
+    if init:  # every branch starts from the same base
+        load_model(init, bm, topo)
     if cfg.grpo.kl_coef > 0 and cfg.vision.enabled:
         raise ConfigError(
             f"grpo.kl_coef={cfg.grpo.kl_coef} with vision.enabled=true: the frozen reference is "
@@ -104,8 +114,8 @@ def build_job(cfg: Config) -> BranchJob:
         )
     if cfg.grpo.kl_coef > 0:  # the reference is the starting policy, frozen
         gpt = build_gpt(cfg, topo)
-        if cfg.checkpoint.init_from:
-            load_model(cfg.checkpoint.init_from, gpt, topo)
+        if init:
+            load_model(init, gpt, topo)
         ref = BranchModel(gpt, None, gpt.config)
     names = cfg.branch_names
     me = topo.branch.name
@@ -196,10 +206,15 @@ def write_eval(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
 
 
 def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:
-    """Model-only checkpoint of ``branch`` (default: this job's first branch) under RUN/final."""
+    """Model-only checkpoint of ``branch`` (default: this job's first branch) under RUN/final.
+
+    With an HF tokenizer its files (chat template, generation config) go beside the weights, so
+    ``copd export-hf`` gives the model back with them."""
     path = Path(job.cfg.run_dir) / "final" / sub
     save_model(
         path, job.bm, job.rt.topo, job.cfg, branch=branch or job.cfg.branch_names[0],
         tokenizer=job.rt.codec.path,
     )  # fmt: skip
+    if isinstance(job.rt.codec, ChatCodec) and dist.get_rank() == 0:
+        copy_tokenizer_files(job.rt.codec.hf_dir, path)
     return path

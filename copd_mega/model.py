@@ -1,7 +1,7 @@
-"""Build one branch's Megatron GPTModel (Llama/Qwen2 family), its DDP wrapper and optimizer.
+"""Build one branch's Megatron GPTModel (Llama/Qwen2/Qwen3 family), its DDP wrapper and optimizer.
 
 The only model implementation is megatron-core's ``GPTModel``: RMSNorm, SwiGLU, RoPE, GQA,
-optional QKV bias, tied or untied embeddings, vocabulary padded to a multiple of
+optional QKV bias, optional per-head QK RMSNorm, any head_dim, tied or untied embeddings, vocabulary padded to a multiple of
 ``model.pad_vocab_to * TP``. Every module gets the branch's ``ProcessGroupCollection``.
 Weights are initialised by :func:`init_weights` from ``cfg.seed`` and each parameter's global
 name, so every branch and every TP/PP split starts from identical weights: CoPD branches share
@@ -52,7 +52,8 @@ def transformer_config(cfg: Config):
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.kv_channels,
+        qk_layernorm=m.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,
@@ -79,18 +80,21 @@ def transformer_config(cfg: Config):
     )
 
 
-def layer_spec():
-    """TransformerEngine spec with TE and CUDA present, megatron's local spec otherwise."""
+def layer_spec(qk_layernorm: bool = False):
+    """TransformerEngine spec with TE and CUDA present, megatron's local spec otherwise.
+
+    ``qk_layernorm``: per-head RMSNorm on queries and keys (Qwen3), weight ``[head_dim]``.
+    """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_gpu():
         try:
             import transformer_engine  # noqa: F401
 
-            return specs.get_gpt_layer_with_transformer_engine_spec()
+            return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         except ImportError:
             pass
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
 
 
 def branch_seed(cfg: Config, branch_index: int) -> int:
@@ -124,7 +128,7 @@ def build_gpt(cfg: Config, topo: Topology):
     prepare_megatron_runtime(cfg, topo)
     model = GPTModel(
         config=transformer_config(cfg),
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(m.qk_layernorm),
         vocab_size=padded_vocab_size(m.vocab_size, m.pad_vocab_to, cfg.parallel.tp),
         max_sequence_length=m.max_seq_length,
         pre_process=topo.is_first_stage,
@@ -281,9 +285,11 @@ def count_parameters(cfg: Config) -> int:
     """Total parameters of the configured model (unpadded vocabulary rows excluded: padded)."""
     m = cfg.model
     h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
-    kv = m.num_query_groups * (h // m.num_attention_heads)
+    d = m.kv_channels
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
     vocab = padded_vocab_size(m.vocab_size, m.pad_vocab_to, cfg.parallel.tp)
-    attn = h * (h + 2 * kv) + h * h + (h + 2 * kv if m.qkv_bias else 0)
+    attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if m.qkv_bias else 0)
+    attn += 2 * d if m.qk_layernorm else 0
     mlp = 2 * h * f + f * h
     per_layer = attn + mlp + 2 * h
     emb = vocab * h * (1 if m.tie_embeddings else 2)

@@ -7,7 +7,8 @@ off, so it is also safe off the main thread). Deadlines are ``RewardPool``'s job
 verify can spend minutes on e.g. ``9^{9^{9^{9^{9}}}}``) or dies is killed and replaced; the item
 scores 0 and is counted as ``timeout`` or ``error``.
 
-Answer extraction precedence (``extract_answer``), for responses and golds alike:
+Answer extraction precedence (``extract_answer``), for responses and golds alike, on the text
+after a reasoning block (``<think>...</think>``; an unclosed ``<think>`` leaves no answer):
 1. the last complete ``\\boxed{...}`` (balanced braces, ``\\{``/``\\}`` are literal; by start
    position, so a truncated final box falls back to an earlier complete one);
 2. else the text after the last "answer is" / "answer:" (case-insensitive) to the end of line;
@@ -78,8 +79,17 @@ def _clean(answer: str) -> str:
     return s.strip("*").strip()
 
 
+def strip_reasoning(text: str) -> str:
+    """The text after a reasoning block: after the last ``</think>``; ``""`` when a ``<think>``
+    block is never closed (a response cut off while reasoning has no answer)."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return "" if "<think>" in text else text
+
+
 def _extract(text: str) -> tuple[str, bool]:
     """``(answer, explicit)``; ``explicit`` is False for the whole-text fallback."""
+    text = strip_reasoning(text)
     boxed = _last_boxed(text)
     if boxed is not None:
         return _clean(boxed), True

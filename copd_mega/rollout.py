@@ -57,11 +57,14 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    eos_id: int | None = None  # stop a sequence after it samples this id (kept in the response)
+    # stop a sequence after it samples this id, or any of these ids (kept in the response)
+    eos_id: int | tuple[int, ...] | None = None
     pad_id: int = 0  # fills positions after each sequence's end
 
     @classmethod
-    def from_config(cls, cfg: Config, eos_id: int | None, pad_id: int) -> SamplingParams:
+    def from_config(
+        cls, cfg: Config, eos_id: int | tuple[int, ...] | None, pad_id: int
+    ) -> SamplingParams:
         r = cfg.rollout
         return cls(r.max_new_tokens, r.temperature, r.top_p, r.top_k, eos_id, pad_id)
 
@@ -75,7 +78,8 @@ class SamplingParams:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.top_k <= vocab_size:
             raise ValueError(f"rollout.top_k={self.top_k} must be in [0, {vocab_size}] (0 = off)")
-        for name, tok in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
+        eos = self.eos_id if isinstance(self.eos_id, tuple) else (self.eos_id,)
+        for name, tok in [("eos_id", e) for e in eos] + [("pad_id", self.pad_id)]:
             if tok is not None and not 0 <= tok < vocab_size:
                 raise ValueError(f"{name}={tok} is not a token id below vocab_size={vocab_size}")
 
@@ -207,7 +211,7 @@ def decode_loop(
         logprobs[:, t] = torch.where(gen, model_logprob(logits, tok, vocab_size), 0.0)
         lengths += gen.long()
         if params.eos_id is not None:
-            done |= gen & (tok == params.eos_id)
+            done |= gen & torch.isin(tok, torch.tensor(params.eos_id, device=tok.device))
         done |= gen & (t + 1 >= last)
         if bool(done.all()):
             break

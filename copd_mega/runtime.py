@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError
-from copd_mega.datasets import PromptCodec, prepare_data
+from copd_mega.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
 from copd_mega.parallel.dist import device, init_distributed
 from copd_mega.parallel.topology import Topology, build_topology, plan_layout
 from copd_mega.plan import format_layout
@@ -21,7 +21,7 @@ class Runtime:
     cfg: Config
     topo: Topology
     device: torch.device
-    codec: PromptCodec
+    codec: PromptCodec | ChatCodec
 
     def log(self, msg: str) -> None:
         """Print on the branch leader (or every rank with ``logging.log_all_ranks``)."""
@@ -42,7 +42,7 @@ def start(cfg: Config) -> Runtime:
         print(format_layout(cfg, layout), flush=True)
     topo = build_topology(cfg, world)
     tok_path = prepare_data(cfg)
-    codec = PromptCodec(tok_path, cfg.data.prompt_template)
+    codec = make_codec(cfg, tok_path)
     if codec.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {tok_path} has {codec.vocab_size} tokens but model.vocab_size="

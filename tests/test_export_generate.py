@@ -5,6 +5,8 @@ Pretrain a small base (a copd-trained checkpoint with a tokenizer), export it wi
 generation on held-out prompts with the trainer's own KV-cached greedy sampler.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,114 @@ def test_exported_model_generates_like_the_trainer(trained, tmp_path):
         assert got == expected, (prompt, got, expected)
         distinct.add(tuple(got))
     assert len(distinct) > 1, "a trained model answers different prompts differently"
+
+
+# ----------------------------------------------------------------------------- from HF and back
+
+HF_RUN = """\
+run_dir: {run}
+checkpoint: {{init_from_hf: {hf}}}
+branches: [{{name: arith, data: arith}}, {{name: sort, data: sort}}]
+data: {{n_train: 64, n_eval: 8, system_prompt: "You are a careful solver."}}
+rollout: {{prompts_per_step: 2, max_new_tokens: 6}}
+grpo: {{group_size: 2}}
+opd: {{prompts_per_peer: 2, samples_per_prompt: 1}}
+schedule: {{cycles: 1, rl_steps: 1, opd_steps: 1}}
+optim: {{lr: 0.003}}
+logging: {{progress: false}}
+"""
+
+
+def _copd(rank: int, argv: list[str]) -> int:
+    from copd_mega.cli import main
+
+    return main(argv)
+
+
+def _trainer_chat_greedy(rank: int, config: str, ckpt: str):
+    """The trainer's own greedy generation on held-out prompts of both capabilities, one rank
+    (the run's config with one branch: same run dir, so the cached HF conversion is reused)."""
+    from copd_mega.checkpoint import load_model
+    from copd_mega.config import load_config
+    from copd_mega.datasets import make_reader
+    from copd_mega.model import build_gpt
+    from copd_mega.rollout import MegatronSampler, SamplingParams
+    from copd_mega.runtime import start
+
+    cfg = load_config(config, ["branches=[{name: arith, data: arith}]", "teaching.graph=none"])
+    rt = start(cfg)
+    model = build_gpt(cfg, rt.topo)
+    load_model(ckpt, model, rt.topo)
+    samples = [s for cap in ("arith", "sort")
+               for s in make_reader(cfg, cap, "eval", 0, 1).next_batch(4)]  # fmt: skip
+    prompts = [rt.codec.prompt_ids(s["prompt"]) for s in samples]
+    params = SamplingParams(8, 0.0, 1.0, 0, rt.codec.eos, rt.codec.pad)
+    rolls = MegatronSampler(model, rt.topo, cfg).generate(prompts, params, 0)
+    return {"prompts": [s["prompt"] for s in samples], "ids": prompts,
+            "responses": rolls.responses(), "eos": rt.codec.eos}  # fmt: skip
+
+
+def test_hf_qwen3_through_copd_and_back(tmp_path):
+    """A tiny random Qwen3 with its own BPE tokenizer and chat template: `copd train` from it
+    (2 CoPD branches, no model.* keys), `copd export-hf`, and transformers' greedy generation
+    from apply_chat_template prompts equals the trainer's."""
+    from hf_tiny import make_qwen3_dir
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = make_qwen3_dir(tmp_path / "qwen3")
+    config = tmp_path / "run.yaml"
+    config.write_text(HF_RUN.format(run=tmp_path / "run", hf=hf))
+    assert spawn(_copd, 2, ["train", "--config", str(config)]) == [0, 0]
+    final = tmp_path / "run" / "final" / "model"
+    assert (final / "chat_template.jinja").is_file()
+    out = tmp_path / "out"
+    assert (
+        spawn(_copd, 1, ["export-hf", "--ckpt", str(final), "--out", str(out), "--no-progress"])[0]
+        == 0
+    )
+    (ours,) = spawn(_trainer_chat_greedy, 1, str(config), str(final))
+
+    rows = [json.loads(line) for b in ("arith", "sort")
+            for line in (tmp_path / "run" / "metrics" / f"{b}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert sorted((r["branch"], r["phase"]) for r in rows) == [
+        ("arith", "opd"), ("arith", "rl"), ("sort", "opd"), ("sort", "rl")]  # fmt: skip
+    # Both branches start from the HF weights: identical peers (overlap 1, delta 0). A random
+    # model earns no reward, so every advantage is 0 and Adam moves nothing: the exported model
+    # is the HF one, bit for bit, after Megatron's training state, merge, save and export.
+    opd = [r for r in rows if r["phase"] == "opd"]
+    assert all(r["overlap"] == 1.0 and r["reward"] == 0.0 for r in opd)
+    before, after = load_file(str(hf / "model.safetensors")), _exported(out)
+    assert set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert tuple(model.generation_config.eos_token_id) == ours["eos"]
+    lengths = []
+    for prompt, ids, expected in zip(ours["prompts"], ours["ids"], ours["responses"], strict=True):
+        turns = [{"role": "system", "content": "You are a careful solver."},
+                 {"role": "user", "content": prompt}]  # fmt: skip
+        x = tok.apply_chat_template(
+            turns, add_generation_prompt=True, enable_thinking=False, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]  # fmt: skip
+        assert x[0].tolist() == ids  # the trainer saw the prompts an HF user renders
+        gen = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False
+        )
+        got = gen[0, x.shape[1] :].tolist()
+        end = next((i for i, t in enumerate(got) if t in ours["eos"]), None)
+        got = got if end is None else got[: end + 1]  # HF pads after an end id; the trainer stops
+        assert got == expected, (prompt, got, expected)
+        lengths.append(len(got))
+    assert max(lengths) > 1, "the comparison covers more than one token"
+
+
+def _exported(out) -> dict:
+    from safetensors.torch import load_file
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for name in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(out / name)))
+    return tensors

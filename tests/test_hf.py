@@ -1,4 +1,5 @@
-"""HF import/export round trips on tiny random Llama and Qwen2 models (built from configs, no download).
+"""HF import/export round trips on tiny random Llama, Qwen2 and Qwen3 models (built from configs,
+no download). The Qwen3 models have QK-norm and a head_dim that is not hidden_size / heads.
 
 Import -> Megatron logits equal the HF logits (first ``vocab_size`` columns, fp32) at TP1 and TP2;
 a checkpoint that Megatron saved at TP2 or PP2 exports back to the original HF tensors.
@@ -20,19 +21,24 @@ VARIANTS = {
     "llama_gqa_tied": ("llama", True),
     "qwen2_gqa_untied": ("qwen2", False),
     "qwen2_gqa_tied": ("qwen2", True),
+    "qwen3_gqa_untied": ("qwen3", False),
+    "qwen3_gqa_tied": ("qwen3", True),
 }
+ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOKENS = torch.tensor([[1, 5, 9, 33, 97, 2, 64, 80], [7, 7, 3, 99, 0, 45, 12, 31]])
 
 
 def make_hf_model(family: str, tied: bool, seed: int = 0):
-    """A tiny random HF model: GQA (4 heads, 2 KV heads), every weight perturbed (norms too)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """A tiny random HF model: GQA (4 heads, 2 KV heads), every weight perturbed (norms too).
+    Qwen3: QK-norm, head_dim 12 (4 heads x 12 = 48 != hidden 32), rope_theta 1e6."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-    cls = LlamaConfig if family == "llama" else Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    extra = {"head_dim": 12} if family == "qwen3" else {}
     cfg = cls(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tied, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 if family == "llama" else 1e6},
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -54,7 +60,8 @@ def hf_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 TWO_TP1_BRANCHES = 'branches=[{"name": "a", "data": "arith"}, {"name": "b", "data": "arith"}]'
-RESAVED = ["llama_gqa_untied", "qwen2_gqa_tied"]  # also saved by Megatron at TP2 and at PP2
+# also saved by Megatron at TP2 and at PP2
+RESAVED = ["llama_gqa_untied", "qwen2_gqa_tied", "qwen3_gqa_untied"]
 
 
 def _megatron_worker(rank: int, ckpts: dict[str, str], save_root: str) -> dict:
@@ -156,9 +163,7 @@ def test_export_gives_back_original_tensors(imported, tmp_path, name):
         > 1
     )
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == [
-        {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[VARIANTS[name][0]]
-    ]
+    assert config["architectures"] == [ARCH[VARIANTS[name][0]]]
     assert config["tie_word_embeddings"] == VARIANTS[name][1]
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     with torch.no_grad():
@@ -217,18 +222,19 @@ def test_tokenizer_and_generation_config_are_exported(tmp_path):
     assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (1, 2, VOCAB)
 
 
-def test_llama_attention_bias_needs_zero_o_proj_bias(tmp_path):
-    """HF Llama's attention_bias biases q/k/v and o_proj; only a zero o_proj bias is importable,
-    and export writes it back as zeros (exact)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_bias_needs_zero_o_proj_bias(tmp_path, family):
+    """HF Llama's and Qwen3's attention_bias biases q/k/v and o_proj; only a zero o_proj bias is
+    importable, and export writes it back as zeros (exact)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     from copd_mega.hf.export import export_hf
     from copd_mega.hf.families import UnsupportedHFModel
     from copd_mega.hf.importer import import_hf
 
-    cfg = LlamaConfig(
+    cfg = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family](
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=True, head_dim=8,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -248,7 +254,7 @@ def test_llama_attention_bias_needs_zero_o_proj_bias(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"head_dim": 16}, "head_dim=16"),
+        ({"mlp_bias": True}, "mlp_bias"),
         (
             {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
             "rope type",

@@ -1,8 +1,11 @@
 """``copd export-hf --ckpt M --out DIR``: a model checkpoint as a Hugging Face model directory.
 
-Writes ``config.json`` (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``), ``generation_config.json``,
+Writes ``config.json`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``),
+``generation_config.json``,
 ``model-0000i-of-0000N.safetensors`` shards of at most ``--max-shard-size`` with
-``model.safetensors.index.json``, and the tokenizer when the checkpoint carries ``tokenizer.json``.
+``model.safetensors.index.json``, and the tokenizer when the checkpoint carries ``tokenizer.json``
+(with the HF tokenizer files a run from ``checkpoint.init_from_hf`` keeps: chat template,
+``generation_config.json``, copied as they are).
 The checkpoint's global tensors are read layer by layer (any TP/PP split wrote them), the fused
 QKV and gate/up are split, and the padded vocabulary is trimmed to ``model.vocab_size``: memory
 holds one layer plus the shard being filled.
@@ -19,7 +22,8 @@ import torch
 
 from copd_mega.checkpoint import CheckpointError
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import hf_config
+from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, hf_config
+from copd_mega.hf.init_from_hf import copy_tokenizer_files
 from copd_mega.merge import CheckpointReader, progress_bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,7 +99,7 @@ def export_tensors(reader: CheckpointReader, writer: ShardWriter, dtype: torch.d
     for i in range(m.num_layers):
         layer = {k: t[0] for k, t in reader.read({k: (i, i + 1) for k in layer_keys}).items()}
         hf = mp.layer_to_hf({k: t.to(dtype) for k, t in layer.items()}, i, m)
-        if m.qkv_bias and m.family == "llama":  # HF Llama's attention_bias also biases o_proj
+        if m.qkv_bias and m.family in O_PROJ_BIAS_FAMILIES:  # attention_bias also biases o_proj
             hf[mp.hf_layer(i, "self_attn.o_proj.bias")] = torch.zeros(m.hidden_size, dtype=dtype)
         for name, t in hf.items():
             writer.add(name, t)
@@ -125,7 +129,7 @@ def hf_nbytes(reader: CheckpointReader, dtype: torch.dtype) -> int:
     numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
     padded_rows = reader.specs[mp.EMBEDDING].shape[0] - m.vocab_size
     numel -= padded_rows * m.hidden_size * (1 if m.tie_embeddings else 2)
-    numel += m.num_layers * m.hidden_size if m.qkv_bias and m.family == "llama" else 0
+    numel += m.num_layers * m.hidden_size if m.qkv_bias and m.family in O_PROJ_BIAS_FAMILIES else 0
     return numel * dtype.itemsize
 
 
@@ -151,11 +155,24 @@ def export_hf(
         writer = ShardWriter(out, max_shard_bytes, advance)
         export_tensors(reader, writer, torch_dtype)
         writer.finish()
-    token_ids = export_tokenizer(reader.tokenizer, out)
+    if (reader.path / "tokenizer_config.json").is_file():  # an HF tokenizer came with it
+        token_ids = export_hf_tokenizer(reader.path, out)
+    else:
+        token_ids = export_tokenizer(reader.tokenizer, out)
     hf_config(m, str(torch_dtype).removeprefix("torch."), token_ids).save_pretrained(str(out))
-    gen = {f"{r}_token_id": token_ids.get(r) for r in SPECIAL if token_ids.get(r) is not None}
-    GenerationConfig(**gen).save_pretrained(str(out))
+    if not (out / "generation_config.json").is_file():
+        gen = {f"{r}_token_id": token_ids.get(r) for r in SPECIAL if token_ids.get(r) is not None}
+        GenerationConfig(**gen).save_pretrained(str(out))
     return out
+
+
+def export_hf_tokenizer(ckpt: Path, out: Path) -> dict[str, int | None]:
+    """Copy the HF tokenizer files a checkpoint carries (chat template, generation config)."""
+    from transformers import AutoTokenizer
+
+    copy_tokenizer_files(ckpt, out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
-"""``copd import-hf --hf DIR --out CKPT [--tp N]``: a Hugging Face Llama/Qwen2 model as a checkpoint.
+"""``copd import-hf --hf DIR --out CKPT [--tp N]``: an HF Llama/Qwen2/Qwen3 model as a checkpoint.
 
 Reads ``config.json`` and the safetensors weights (one file or an index), maps names and layouts
 to Megatron's (fused interleaved QKV, ``[gate; up]``, vocabulary padded with zero rows to a
 multiple of ``pad_vocab_to * tp``) and writes an ordinary model checkpoint plus ``config.yaml``
 whose ``model.*`` is filled from ``config.json`` (``parallel.tp`` set to ``--tp``). The checkpoint
 loads at any TP/PP split; ``--tp`` only sets the padding. Tensors are read lazily, one layer at a
-time. ``tokenizer.json`` is carried over when present.
+time. The tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with its chat template,
+``generation_config.json``, ...) are carried over when present.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from copd_mega.config import Config, validate
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import UnsupportedHFModel, model_config_from_hf
+from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, UnsupportedHFModel, model_config_from_hf
+from copd_mega.hf.init_from_hf import copy_tokenizer_files
 from copd_mega.merge import TensorSpec, write_checkpoint
 from copd_mega.model import padded_vocab_size
 
@@ -59,7 +61,7 @@ def _check_o_proj_bias(st: SafetensorsDir, i: int) -> None:
     if name in st and st.get(name).abs().max() > 0:
         raise UnsupportedHFModel(
             f"{st.root}: {name} is non-zero; the Megatron model here has no output-projection "
-            "bias (Llama attention_bias=true is only importable with zero o_proj biases)"
+            "bias (attention_bias=true is only importable with zero o_proj biases)"
         )
 
 
@@ -114,14 +116,14 @@ def import_hf(
     st = SafetensorsDir(hf_dir)
     if not cfg.model.tie_embeddings and mp.HF_LM_HEAD not in st:
         raise KeyError(f"{hf_dir}: tie_word_embeddings=false but lm_head.weight is missing")
-    if cfg.model.family == "llama" and cfg.model.qkv_bias:
+    if cfg.model.family in O_PROJ_BIAS_FAMILIES and cfg.model.qkv_bias:
         for i in range(cfg.model.num_layers):
             _check_o_proj_bias(st, i)
     torch_dtype = DTYPES[dtype] if dtype else st.get(mp.HF_NORM).dtype
     padded = padded_vocab_size(cfg.model.vocab_size, pad_vocab_to, tp)
     specs = mp.megatron_specs(cfg.model, padded, torch_dtype)
     tokenizer = hf_dir / "tokenizer.json"
-    return write_checkpoint(
+    path = write_checkpoint(
         out,
         specs,
         make_producer(st, cfg, torch_dtype),
@@ -130,6 +132,8 @@ def import_hf(
         label="import",
         progress=progress,
     )
+    copy_tokenizer_files(hf_dir, path)
+    return path
 
 
 def _model_type(hf_dir: str) -> str | None:

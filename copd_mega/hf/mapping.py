@@ -2,7 +2,7 @@
 
 Megatron keys are the global checkpoint keys (TransformerEngine-compatible names; per-layer tensors
 stacked on a leading layer axis of size L). The HF side is ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` naming. Layout differences:
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` naming. Layout differences:
 
 * ``linear_qkv`` is fused and interleaved per query group: for each of the ``ng`` KV groups,
   ``nq/ng`` query heads, then one key head, then one value head (``d`` rows each). HF keeps
@@ -10,6 +10,9 @@ stacked on a leading layer axis of size L). The HF side is ``LlamaForCausalLM`` 
   ``i // (nq/ng)``, the same grouping). Biases follow the weights.
 * ``linear_fc1`` is ``[gate; up]`` (``[2F, H]``, SwiGLU); HF has ``gate_proj``, ``up_proj``.
 * The embedding (and an untied output layer) has ``V_pad >= V`` rows; HF has exactly ``V``.
+* Qwen3's per-head RMSNorm on queries and keys (``q_norm``/``k_norm``, ``[d]``) is megatron's
+  ``q_layernorm``/``k_layernorm`` (``qk_layernorm``); ``d`` is ``model.kv_channels``, which need
+  not be ``H / nq`` (then ``o_proj`` is ``[H, nq*d]``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ LAYER_SIMPLE = {
     "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+# Per-head QK RMSNorm (``model.qk_layernorm``): weight [d] per layer.
+QK_NORMS = {
+    "decoder.layers.self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "decoder.layers.self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
 HF_EMBEDDING, HF_LM_HEAD, HF_NORM = (
     "model.embed_tokens.weight",
     "lm_head.weight",
@@ -44,25 +52,32 @@ def hf_layer(i: int, name: str) -> str:
 
 
 def head_dim(m: ModelConfig) -> int:
-    return m.hidden_size // m.num_attention_heads
+    return m.kv_channels
+
+
+def simple_keys(m: ModelConfig) -> dict[str, str]:
+    """Stacked Megatron keys that map one-to-one onto an HF tensor of a layer, for ``m``."""
+    return {**LAYER_SIMPLE, **(QK_NORMS if m.qk_layernorm else {})}
 
 
 def megatron_specs(m: ModelConfig, padded_vocab: int, dtype: torch.dtype) -> list[TensorSpec]:
     """Every global tensor of a model checkpoint for ``m`` (the keys ``load_model`` expects)."""
-    h, f, n = m.hidden_size, m.ffn_hidden_size, m.num_layers
-    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * head_dim(m)
+    h, f, n, d = m.hidden_size, m.ffn_hidden_size, m.num_layers, head_dim(m)
+    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
     shapes = {
         EMBEDDING: (padded_vocab, h),
         FINAL_NORM: (h,),
         QKV: (n, qkv_rows, h),
         FC1: (n, 2 * f, h),
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (n, h),
-        "decoder.layers.self_attention.linear_proj.weight": (n, h, h),
+        "decoder.layers.self_attention.linear_proj.weight": (n, h, m.num_attention_heads * d),
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (n, h),
         "decoder.layers.mlp.linear_fc2.weight": (n, h, f),
     }
     if m.qkv_bias:
         shapes[QKV_BIAS] = (n, qkv_rows)
+    if m.qk_layernorm:
+        shapes.update({key: (n, d) for key in QK_NORMS})
     if not m.tie_embeddings:
         shapes[OUTPUT] = (padded_vocab, h)
     return [TensorSpec(k, s, dtype) for k, s in sorted(shapes.items())]
@@ -107,7 +122,7 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def layer_to_hf(layer: dict[str, torch.Tensor], i: int, m: ModelConfig) -> dict[str, torch.Tensor]:
     """One layer's Megatron tensors (stacked keys, layer axis removed) -> HF tensors of layer i."""
-    out = {hf_layer(i, name): layer[key].contiguous() for key, name in LAYER_SIMPLE.items()}
+    out = {hf_layer(i, name): layer[key].contiguous() for key, name in simple_keys(m).items()}
     q, k, v = split_qkv(layer[QKV], m)
     gate, up = split_fc1(layer[FC1])
     out.update(
@@ -130,8 +145,9 @@ def layer_to_hf(layer: dict[str, torch.Tensor], i: int, m: ModelConfig) -> dict[
 
 def layer_from_hf(get, i: int, key: str, m: ModelConfig) -> torch.Tensor:
     """Megatron tensor ``key`` of layer i (no layer axis) from HF tensors (``get(name)``)."""
-    if key in LAYER_SIMPLE:
-        return get(hf_layer(i, LAYER_SIMPLE[key]))
+    simple = simple_keys(m)
+    if key in simple:
+        return get(hf_layer(i, simple[key]))
     if key == FC1:
         return fuse_fc1(
             get(hf_layer(i, "mlp.gate_proj.weight")), get(hf_layer(i, "mlp.up_proj.weight"))

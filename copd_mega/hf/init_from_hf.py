@@ -1,0 +1,91 @@
+"""``checkpoint.init_from_hf: DIR``: the HF model converted once per run, under ``RUN/hf_init``.
+
+Global rank 0 converts (``import_hf``) into ``RUN/hf_init.staging`` and renames it to
+``RUN/hf_init`` when complete, with ``hf_source.json`` (the source path and a digest of its
+``config.json`` and weight index) beside the weights; the other ranks wait at the caller's
+barrier. A later job on the same run (``--resume``, or a rerun) reuses it, also when the HF
+directory is gone; a cache made from a different model is an error, never silently reused.
+The checkpoint also carries the HF tokenizer files (:data:`TOKENIZER_FILES`, copied by
+``import_hf``), so the run's tokenizer, chat template and end-of-turn ids are read from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from copd_mega.config import Config, ConfigError
+
+HF_INIT = "hf_init"
+SOURCE_FILE = "hf_source.json"
+# Tokenizer and generation files carried with an HF-derived checkpoint (copied as they are).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+    "generation_config.json",
+)  # fmt: skip
+
+
+def hf_init_dir(cfg: Config) -> Path:
+    """``RUN/hf_init``: the converted model checkpoint of ``checkpoint.init_from_hf``."""
+    return Path(cfg.run_dir) / HF_INIT
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` present in ``src`` into ``dst``; returns their names."""
+    present = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for name in present:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return present
+
+
+def source_digest(hf_dir: Path) -> str:
+    """sha256 of the HF directory's config.json and weight file names and sizes."""
+    h = hashlib.sha256((hf_dir / "config.json").read_bytes())
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _check_cache(cache: Path, hf_dir: Path) -> None:
+    if not (hf_dir / "config.json").is_file():  # source gone: the cache is the model
+        return
+    saved = json.loads((cache / SOURCE_FILE).read_text())
+    if saved["digest"] != source_digest(hf_dir):
+        raise ConfigError(
+            f"{cache} was converted from {saved['path']}, which differs from "
+            f"checkpoint.init_from_hf={str(hf_dir)!r}; use another run_dir or delete {cache}"
+        )
+
+
+def prepare_hf_init(cfg: Config, progress: bool = False) -> Path:
+    """Convert ``checkpoint.init_from_hf`` to ``RUN/hf_init`` unless a matching copy exists.
+
+    Call on one process (global rank 0) and let the others wait at a barrier. Returns the
+    checkpoint directory (weights, ``config.yaml``, tokenizer files, ``hf_source.json``).
+    """
+    from copd_mega.hf.families import UnsupportedHFModel
+    from copd_mega.hf.importer import import_hf
+
+    hf_dir, cache = Path(cfg.checkpoint.init_from_hf), hf_init_dir(cfg)
+    if (cache / SOURCE_FILE).is_file():
+        _check_cache(cache, hf_dir)
+        return cache
+    staging = cache.with_name(HF_INIT + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        import_hf(hf_dir, staging, tp=cfg.parallel.tp, pad_vocab_to=cfg.model.pad_vocab_to,
+                  progress=progress)  # fmt: skip
+    except (UnsupportedHFModel, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"checkpoint.init_from_hf={str(hf_dir)!r}: {e}") from e
+    source = {"path": str(hf_dir.resolve()), "digest": source_digest(hf_dir)}
+    (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    if cache.exists():
+        raise ConfigError(
+            f"{cache} exists without {SOURCE_FILE}; move it away or use another run_dir"
+        )
+    os.replace(staging, cache)
+    return cache
