@@ -164,6 +164,13 @@ class DataConfig:
 
 
 @dataclass
+class MergeConfig:
+    """How branches are merged in place (``parallel/merge.py``; docs/checkpoints.md)."""
+
+    optimizer_state: str = "average"  # Adam moments after a merge: average | reset | keep
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
@@ -195,6 +202,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -323,6 +331,7 @@ _CHOICES = {
     "teaching.graph": ("pairwise", "hub_spoke", "ring", "none"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "schedule.mode": ("copd", "expert", "mixed", "static_opd", "mopd"),
+    "merge.optimizer_state": ("average", "reset", "keep"),
     "logging.wandb": ("disabled", "offline", "online"),
 }
 

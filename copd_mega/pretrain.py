@@ -124,7 +124,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
             shown = " ".join(f"{c}={100 * a:.1f}%" for c, a in accs.items())
             rt.log(
                 f"pretrain step {step + 1}/{p.steps} nll={float(tot[0] / max(tot[1], 1)):.3f} "
-                f"grad_norm={stats['grad_norm']:.2f} eval {shown} "
+                f"grad_norm={stats['grad_norm']:.4f} eval {shown} "
                 f"({time.monotonic() - t0:.0f}s)"
             )
             if p.target_accuracy and mean >= p.target_accuracy:

@@ -26,11 +26,21 @@ LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def prepare_for_training(bm: BranchModel, topo: Topology) -> None:
-    """Hook megatron's grad finalisation and per-token loss scaling into the branch's config."""
+    """Hook megatron's grad finalisation into the branch's config.
+
+    Per-token loss scaling must already be on (``model.wrap_branch_model`` sets it before DDP is
+    built; setting it afterwards would leave DDP's 1/DP pre-scaling in place and make every
+    gradient DP times too small).
+    """
     from megatron.core.distributed import finalize_model_grads
 
     cfg = bm.config
-    cfg.calculate_per_token_loss = True
+    scales = {b.gradient_scaling_factor for b in bm.model.buffers + bm.model.expert_parallel_buffers}
+    if not cfg.calculate_per_token_loss or scales - {1.0}:
+        raise RuntimeError(
+            "the branch model was wrapped in DDP without calculate_per_token_loss: build it with "
+            "copd_mega.model.wrap_branch_model, which sets the flag before DDP"
+        )
     cfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=topo.pg)
     cfg.no_sync_func = bm.model.no_sync
     cfg.grad_scale_func = None

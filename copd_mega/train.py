@@ -37,7 +37,7 @@ from copd_mega.model import branch_seed
 from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
-from copd_mega.parallel.merge import merge_in_place, refresh_optimizer_master
+from copd_mega.parallel.merge import merge_in_place
 from copd_mega.rollout import Rollouts, SamplingParams
 from copd_mega.runtime import shutdown
 from copd_mega.schedule import StepPlan, remaining_steps
@@ -289,10 +289,11 @@ def _branch_sum(job: BranchJob, vec: torch.Tensor, owner: bool) -> torch.Tensor:
 
 
 def merge_branches(job: BranchJob) -> None:
-    """Weighted in-place merge of every branch (uniform by default) over the peer groups."""
+    """Weighted in-place merge of every branch's fp32 masters (uniform by default) over the peer
+    groups; Adam's moments follow ``merge.optimizer_state``."""
     weights = [b.merge_weight for b in job.cfg.branches]
-    merge_in_place(job.bm.model, job.rt.topo, weights)
-    refresh_optimizer_master(job.bm.optimizer)
+    merge_in_place(job.bm.model, job.bm.optimizer, job.rt.topo, weights,
+                   job.cfg.merge.optimizer_state)  # fmt: skip
 
 
 def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:

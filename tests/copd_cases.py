@@ -69,8 +69,9 @@ def merge_case(rank: int, overrides: list[str], weights: list[float]):
 
     cfg, topo, bm = setup(overrides)
     perturb(bm, topo)
+    bm.optimizer.reload_model_params()  # the masters take the perturbed weights
     before = {n: p.detach().clone() for n, p in bm.module.named_parameters()}
-    merge_in_place(bm.model, topo, weights)
+    merge_in_place(bm.model, bm.optimizer, topo, weights)
     after = {n: p.detach().clone() for n, p in bm.module.named_parameters()}
     dist.barrier()
     return {"branch": topo.branch.name, "before": before, "after": after}
