@@ -127,6 +127,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
+    tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
 
 
 @dataclass
@@ -384,6 +385,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.tis_cap < 0:
+        raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
     if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:

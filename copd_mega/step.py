@@ -35,7 +35,9 @@ def prepare_for_training(bm: BranchModel, topo: Topology) -> None:
     from megatron.core.distributed import finalize_model_grads
 
     cfg = bm.config
-    scales = {b.gradient_scaling_factor for b in bm.model.buffers + bm.model.expert_parallel_buffers}
+    scales = {
+        b.gradient_scaling_factor for b in bm.model.buffers + bm.model.expert_parallel_buffers
+    }
     if not cfg.calculate_per_token_loss or scales - {1.0}:
         raise RuntimeError(
             "the branch model was wrapped in DDP without calculate_per_token_loss: build it with "
@@ -118,9 +120,13 @@ def zero_grads(bm: BranchModel) -> None:
     bm.optimizer.zero_grad()
 
 
-def all_finite(values: list[float], group: dist.ProcessGroup | None) -> bool:
-    """True when every value is finite on every rank of ``group`` (a MIN all-reduce)."""
-    flag = torch.tensor([1.0 if all(math.isfinite(v) for v in values) else 0.0])
+def all_finite(values: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """True when every entry of ``values`` is finite on every rank of ``group``.
+
+    ``values`` lives on the rank's compute device; the flag is MIN all-reduced there (NCCL takes
+    device tensors only) and read back once.
+    """
+    flag = torch.isfinite(values.detach()).all().to(torch.float32).reshape(1)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item() > 0)

@@ -86,3 +86,66 @@ def dp_gradients(rank: int, overrides: list[str]):
     }  # fmt: skip
     return {"grads": grads, "norm": norm, "meta": meta, "tp": topo.layout.tp,
             "tp_rank": topo.tp_rank}  # fmt: skip
+
+
+def _full_params(bm) -> dict[str, torch.Tensor]:
+    from copd_mega.model import global_param_names
+
+    return {k: p.detach().float().clone() for k, p in global_param_names(bm.module).items()}
+
+
+def _train_step(bm, topo, seed: int) -> None:
+    from copd_mega.step import optimizer_step, run_microbatches
+
+    run_microbatches(bm, topo, global_batch(seed, n_micro=2), masked_nll(topo))
+    assert optimizer_step(bm)["skipped"] == 0.0
+
+
+def merge_policies(
+    rank: int, overrides: list[str], weights: list[float], root: str, policies: list[str]
+):
+    """Per policy: branches diverge by one step, merge in place, save a step checkpoint, step
+    again; a fresh model restored from that checkpoint takes the same step.
+
+    Returns per policy this rank's masters and moments before and after the merge, whether the
+    model weights equal the merged masters rounded to the model dtype, and the parameters after
+    the next step in place and after the restore.
+    """
+    from copd_mega.checkpoint import load_latest, save_step
+    from copd_mega.model import build_branch_model
+    from copd_mega.parallel.merge import (
+        inner_optimizers,
+        master_shards,
+        merge_in_place,
+        moment_tensors,
+    )
+    from copd_mega.step import prepare_for_training
+
+    cfg, topo, _ = setup(overrides)
+    out = {"branch": topo.branch.index, "coord": (topo.tp_rank, topo.pp_rank, topo.dp_rank)}
+    for policy in policies:
+        bm = build_branch_model(cfg, topo)
+        prepare_for_training(bm, topo)
+        _train_step(bm, topo, seed=100 * topo.branch.index + topo.dp_rank)
+        before = [t.clone() for t in master_shards(bm.optimizer)]
+        moments = [t.clone() for t in moment_tensors(bm.optimizer)]
+        merge_in_place(bm.model, bm.optimizer, topo, weights, policy)
+        o = inner_optimizers(bm.optimizer)[0]
+        rounded = all(
+            torch.equal(m.to(s.dtype), s)
+            for ms, ss in zip(o.shard_fp32_from_float16_groups, o.shard_float16_groups, strict=True)
+            for m, s in zip(ms, ss, strict=True)
+        )  # fmt: skip
+        res = {"before": before, "after": [t.clone() for t in master_shards(bm.optimizer)],
+               "moments": moments, "moments_after": [t.clone() for t in moment_tensors(bm.optimizer)],
+               "rounded": rounded, "merged_params": _full_params(bm)}  # fmt: skip
+        save_step(f"{root}/{policy}", 1, bm, topo, cfg, {})
+        _train_step(bm, topo, seed=7)
+        res["stepped"] = _full_params(bm)
+        fresh = build_branch_model(cfg, topo)
+        prepare_for_training(fresh, topo)
+        load_latest(f"{root}/{policy}", fresh, topo)
+        _train_step(fresh, topo, seed=7)
+        res["restored"] = _full_params(fresh)
+        out[policy] = res
+    return out
