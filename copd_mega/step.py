@@ -4,8 +4,9 @@ Microbatches are dicts of CPU/GPU tensors with a common padded length ``[mbs, S]
 ``position_ids`` and whatever the loss needs; a microbatch with ``vlm`` (a ``VLMBatch``) runs
 the vision-language model and gets token-aligned logits (``multimodal.text_logits``).
 ``loss_fn(mb, logits)`` runs on the **last PP stage** (every TP rank) with vocab-parallel logits ``[mbs, S, V/TP]`` and returns
-``(loss_sum, num_units, metrics)``. megatron's ``calculate_per_token_loss`` then divides the
-gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
+``(loss_sum, num_units, metrics)`` (``num_units`` a device tensor). megatron's
+``calculate_per_token_loss`` (set before DDP is built, ``model.wrap_branch_model``) then divides
+the gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
 ``loss_sum / num_units`` is an exact global mean (tokens for token-mean, sequences for seq-mean).
 """
 
