@@ -134,6 +134,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
+    tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
 
 
 @dataclass
@@ -175,6 +176,13 @@ class DataConfig:
 
 
 @dataclass
+class MergeConfig:
+    """How branches are merged in place (``parallel/merge.py``; docs/checkpoints.md)."""
+
+    optimizer_state: str = "average"  # Adam moments after a merge: average | reset | keep
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
@@ -209,6 +217,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -344,6 +353,7 @@ _CHOICES = {
     "teaching.graph": ("pairwise", "hub_spoke", "ring", "none"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "schedule.mode": ("copd", "expert", "mixed", "static_opd", "mopd"),
+    "merge.optimizer_state": ("average", "reset", "keep"),
     "logging.wandb": ("disabled", "offline", "online"),
 }
 
@@ -412,6 +422,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.tis_cap < 0:
+        raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
     if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:

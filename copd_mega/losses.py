@@ -135,19 +135,56 @@ def expand_sequence_advantages(adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), a, 0.0)
 
 
+def loss_units(mask: Tensor, agg: Aggregation = "token_mean") -> Tensor:
+    """This rank's share of the ``normalizer`` as a 0-dim int64 tensor on ``mask``'s device
+    (no host sync): masked tokens (``token_mean``) or rows with a masked token (``seq_mean``)."""
+    m = mask.bool()
+    if agg == "token_mean":
+        return m.sum()
+    if agg == "seq_mean":
+        return m.any(dim=1).sum()
+    raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+
 def loss_normalizer(mask: Tensor, agg: Aggregation = "token_mean") -> int:
     """This rank's share of the ``normalizer`` for ``clipped_surrogate_loss``.
 
     ``token_mean``: number of masked tokens. ``seq_mean``: number of rows with at least one
     masked token. Sum it over microbatches and DP ranks (at the call site) and pass the total as
-    ``normalizer`` to make the summed losses equal the global mean.
+    ``normalizer`` to make the summed losses equal the global mean. :func:`loss_units` is the
+    same count as a device tensor.
     """
+    return int(loss_units(mask, agg).item())
+
+
+def truncated_importance_weights(
+    trainer_logp: Tensor, sampler_logp: Tensor, cap: float, mask: Tensor
+) -> Tensor:
+    """Truncated importance sampling weights ``min(pi_trainer / pi_sampler, cap)`` per token.
+
+    Corrects for the sampler (inference engine, KV cache, other kernels) and the trainer
+    assigning different probabilities to the same sampled token: the rollout came from
+    ``pi_sampler``, the surrogate assumes ``pi_trainer`` (old policy). The weight multiplies
+    the per-token loss, detached; ``cap`` bounds its variance.
+
+    Args:
+        trainer_logp: [N, T] the trainer's old-policy log-probs of the sampled tokens.
+        sampler_logp: [N, T] the sampler's log-probs of the same tokens.
+        cap: C > 0, the truncation.
+        mask: [N, T] bool or 0/1; positions outside get weight 0 (inputs there may be -inf/NaN).
+
+    Returns:
+        [N, T] float32 (or wider) weights in [0, cap], no grad.
+    """
+    _check_same_shape(trainer_logp=trainer_logp, sampler_logp=sampler_logp, mask=mask)
+    if not cap > 0:
+        raise ValueError(f"rollout.tis_cap={cap} must be > 0 to weight tokens (0 turns TIS off)")
     m = mask.bool()
-    if agg == "token_mean":
-        return int(m.sum().item())
-    if agg == "seq_mean":
-        return int(m.any(dim=1).sum().item())
-    raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    dtype = torch.promote_types(_float_dtype(trainer_logp), _float_dtype(sampler_logp))
+    log_ratio = torch.where(
+        m, trainer_logp.detach().to(dtype) - sampler_logp.detach().to(dtype), 0.0
+    )
+    return torch.where(m, torch.exp(log_ratio).clamp(max=cap), 0.0)
 
 
 def _aggregate(per_token: Tensor, m: Tensor, agg: str, normalizer: float | None) -> Tensor:
@@ -177,13 +214,38 @@ def clipped_surrogate_loss(
     normalizer: float | None = None,
     ref_logp: Tensor | None = None,
     kl_coef: float = 0.0,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
+    """:func:`clipped_surrogate` with its metrics as Python floats (one device sync)."""
+    loss, stats = clipped_surrogate(
+        logp, old_logp, advantages, mask, eps_low, eps_high, agg, normalizer, ref_logp, kl_coef,
+        token_weight,
+    )  # fmt: skip
+    values = torch.stack(list(stats.values())).tolist()
+    return loss, dict(zip(stats, values, strict=True))
+
+
+def clipped_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    agg: Aggregation = "token_mean",
+    normalizer: float | Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    token_weight: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient surrogate shared by GRPO and OPD rows.
 
     Per token: ``rho = exp(logp - old_logp)``,
     ``loss_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``, plus
     ``kl_coef * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` when ``ref_logp`` is given
-    and ``kl_coef > 0``. Gradient flows only through ``logp``.
+    and ``kl_coef > 0``; the policy term is multiplied by ``token_weight`` when given (truncated
+    importance sampling, :func:`truncated_importance_weights`). Gradient flows only through
+    ``logp``.
 
     Aggregation: ``token_mean`` = sum over masked tokens / (``normalizer`` or the local masked
     token count); ``seq_mean`` = sum over rows of the row's masked token mean / (``normalizer``
@@ -197,11 +259,12 @@ def clipped_surrogate_loss(
         mask: [N, T] bool or 0/1, nonzero on response tokens. Masked-out positions may hold
             -inf/NaN in any input; they contribute 0 to the loss and to the gradient.
         ref_logp: optional [N, T] float reference-policy log-prob.
+        token_weight: optional [N, T] non-negative per-token weight of the policy term.
 
     Returns:
-        ``(loss, metrics)``: loss is a 0-dim float32 tensor; metrics are floats over this call's
-        masked tokens: ``clip_frac``, ``approx_kl`` (mean of old_logp - logp), ``ratio_mean``
-        and ``kl`` (mean k3) when the KL term is used.
+        ``(loss, metrics)``: loss is a 0-dim float32 tensor; metrics are detached 0-dim tensors
+        over this call's masked tokens (no host sync): ``clip_frac``, ``approx_kl`` (mean of
+        old_logp - logp), ``ratio_mean`` and ``kl`` (mean k3) when the KL term is used.
     """
     _check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     m = mask.bool()
@@ -220,6 +283,9 @@ def clipped_surrogate_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if token_weight is not None:
+        _check_same_shape(logp=logp, token_weight=token_weight)
+        per_token = per_token * torch.where(m, token_weight.detach().to(dtype), 0.0)
 
     use_kl = ref_logp is not None and kl_coef > 0
     if use_kl:
@@ -239,8 +305,7 @@ def clipped_surrogate_loss(
         if use_kl:
             stats.append(masked_mean(k3, m))
             names.append("kl")
-        values = torch.stack(stats).tolist()  # one device sync for all metrics
-    return loss, dict(zip(names, values, strict=True))
+    return loss, dict(zip(names, stats, strict=True))
 
 
 def topk_overlap(student_topk: Tensor, teacher_topk: Tensor, mask: Tensor) -> Tensor:

@@ -13,6 +13,11 @@ model checkpoint: ``checkpoint.load_model`` loads it at any TP/PP split.
 tensor by tensor (weights normalised to sum 1, uniform by default). An input may also be a run
 directory (or its ``final/``) holding ``branch_<name>`` checkpoints: each branch is one input.
 Optimizer tensors in step checkpoints are ignored; the config is copied from the first input.
+
+This offline merge works on the **model weights** as saved (a bf16 checkpoint is averaged from
+its bf16 weights, accumulated in fp32): the fp32 master copies and Adam moments of step
+checkpoints are not merged. The in-place merge of a running job (``parallel/merge.py``) works on
+the distributed optimizer's fp32 masters instead.
 """
 
 from __future__ import annotations

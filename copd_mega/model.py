@@ -248,11 +248,19 @@ def wrap_branch_model(
     lr: float | None = None,
     min_lr: float | None = None,
 ) -> BranchModel:
-    """Wrap a bare megatron module in DDP and build its distributed optimizer."""
+    """Wrap a bare megatron module in DDP and build its distributed optimizer.
+
+    Losses are sums with a unit count (``step.run_microbatches``), so per-token loss scaling is
+    switched on here, **before** DDP is built: DDP fixes its gradient pre-scaling at construction
+    (1/DP without it), and ``finalize_model_grads`` then divides by the global unit count. With
+    the flag set first, the gradient is exactly d(sum of losses)/d(theta) / (global units) at any
+    DP size (``tests/test_dp_exact.py``).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     tcfg = module.config
+    tcfg.calculate_per_token_loss = True  # before DDP: it picks its gradient scaling now
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -114,8 +114,8 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
             spec = MediaSpec(pcfg, rt.codec.image, rt.codec.pad)
             mbs = spec.attach(mbs, media, pcfg.parallel.micro_batch_size)
         out = run_microbatches(bm, topo, mbs, loss_fn)
-        tot = sum(o["nll"] for o in out) if out else torch.zeros(2)
-        stats = optimizer_step(bm, all_finite([float(tot[0])], topo.pg.tp))
+        tot = sum(o["nll"] for o in out) if out else torch.zeros(2, device=rt.device)
+        stats = optimizer_step(bm, all_finite(tot[:1], topo.branch_group))
         sched.step(1)
         last = step + 1 == p.steps
         if (p.eval_every and (step + 1) % p.eval_every == 0) or last:
@@ -124,7 +124,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
             shown = " ".join(f"{c}={100 * a:.1f}%" for c, a in accs.items())
             rt.log(
                 f"pretrain step {step + 1}/{p.steps} nll={float(tot[0] / max(tot[1], 1)):.3f} "
-                f"grad_norm={stats['grad_norm']:.2f} eval {shown} "
+                f"grad_norm={stats['grad_norm']:.4f} eval {shown} "
                 f"({time.monotonic() - t0:.0f}s)"
             )
             if p.target_accuracy and mean >= p.target_accuracy:

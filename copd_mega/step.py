@@ -4,8 +4,9 @@ Microbatches are dicts of CPU/GPU tensors with a common padded length ``[mbs, S]
 ``position_ids`` and whatever the loss needs; a microbatch with ``vlm`` (a ``VLMBatch``) runs
 the vision-language model and gets token-aligned logits (``multimodal.text_logits``).
 ``loss_fn(mb, logits)`` runs on the **last PP stage** (every TP rank) with vocab-parallel logits ``[mbs, S, V/TP]`` and returns
-``(loss_sum, num_units, metrics)``. megatron's ``calculate_per_token_loss`` then divides the
-gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
+``(loss_sum, num_units, metrics)`` (``num_units`` a device tensor). megatron's
+``calculate_per_token_loss`` (set before DDP is built, ``model.wrap_branch_model``) then divides
+the gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
 ``loss_sum / num_units`` is an exact global mean (tokens for token-mean, sequences for seq-mean).
 """
 
@@ -26,11 +27,23 @@ LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def prepare_for_training(bm: BranchModel, topo: Topology) -> None:
-    """Hook megatron's grad finalisation and per-token loss scaling into the branch's config."""
+    """Hook megatron's grad finalisation into the branch's config.
+
+    Per-token loss scaling must already be on (``model.wrap_branch_model`` sets it before DDP is
+    built; setting it afterwards would leave DDP's 1/DP pre-scaling in place and make every
+    gradient DP times too small).
+    """
     from megatron.core.distributed import finalize_model_grads
 
     cfg = bm.config
-    cfg.calculate_per_token_loss = True
+    scales = {
+        b.gradient_scaling_factor for b in bm.model.buffers + bm.model.expert_parallel_buffers
+    }
+    if not cfg.calculate_per_token_loss or scales - {1.0}:
+        raise RuntimeError(
+            "the branch model was wrapped in DDP without calculate_per_token_loss: build it with "
+            "copd_mega.model.wrap_branch_model, which sets the flag before DDP"
+        )
     cfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=topo.pg)
     cfg.no_sync_func = bm.model.no_sync
     cfg.grad_scale_func = None
@@ -108,9 +121,13 @@ def zero_grads(bm: BranchModel) -> None:
     bm.optimizer.zero_grad()
 
 
-def all_finite(values: list[float], group: dist.ProcessGroup | None) -> bool:
-    """True when every value is finite on every rank of ``group`` (a MIN all-reduce)."""
-    flag = torch.tensor([1.0 if all(math.isfinite(v) for v in values) else 0.0])
+def all_finite(values: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """True when every entry of ``values`` is finite on every rank of ``group``.
+
+    ``values`` lives on the rank's compute device; the flag is MIN all-reduced there (NCCL takes
+    device tensors only) and read back once.
+    """
+    flag = torch.isfinite(values.detach()).all().to(torch.float32).reshape(1)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item() > 0)

@@ -37,7 +37,7 @@ from copd_mega.model import branch_seed
 from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
-from copd_mega.parallel.merge import merge_in_place, refresh_optimizer_master
+from copd_mega.parallel.merge import merge_in_place
 from copd_mega.rollout import Rollouts, SamplingParams
 from copd_mega.runtime import shutdown
 from copd_mega.schedule import StepPlan, remaining_steps
@@ -87,7 +87,11 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
 
 
 def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
-    """One global step for this rank's branch; returns its telemetry (valid on every rank)."""
+    """One global step for this rank's branch; returns its telemetry (valid on every rank).
+
+    Rollouts, rows and teacher scores stay on the device; telemetry accumulates there and is
+    summed over the branch and brought to the host once, at the end of the step.
+    """
     me = job.name
     learner = me in plan.learners
     teachers = [t for s, t in plan.edges if s == me]
@@ -99,27 +103,55 @@ def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
         with job.timed("rollout"):
             samples, rolls, m = rollout_native(job, plan.step)
         with job.timed("reward"):
-            rows, reward_metrics = reward_and_advantages(job, samples, rolls)
+            rows, reward_sums = reward_and_advantages(job, samples, rolls)
         parts.append(rows)
         media.append(m)
-        record.update(reward_metrics)
     with job.timed("rollout"):
         peer_out = {t: rollout_peer(job, t, plan.step) for t in teachers}
-    peer_rolls = {t: r for t, (r, _) in peer_out.items()}
     scores = peer_scoring(job, peer_out, students)
+    beta = job.cfg.branches[job.cfg.branch_names.index(me)].beta
     for t in teachers:
-        r = peer_rolls[t]
-        media.append(peer_out[t][1])
-        logp, topk = scores.get(t, _placeholder(r, job.cfg.opd.top_k))
-        beta = job.cfg.branches[job.cfg.branch_names.index(me)].beta
-        parts.append(opd_rows(r.tokens.cpu(), r.prompt_lens.cpu(), r.lengths.cpu(), logp.cpu(),
-                              topk.cpu(), beta, job.edges.index((me, t))))  # fmt: skip
+        r, m = peer_out[t]
+        media.append(m)
+        logp, topk = scores.get(t, _placeholder(r))
+        parts.append(opd_rows(r.tokens, r.prompt_lens, r.lengths, logp, topk, beta,
+                              job.edges.index((me, t)), r.sampler_logprobs))  # fmt: skip
     if learner:
         with job.timed("train"):
             rows = concat_rows(parts, pad_id=job.rt.codec.pad)
             all_media = RowMedia.cat(media) if job.cfg.vision.enabled else None
-            record.update(update(job, rows, loss_fn, all_media))
+            metrics_vec, stats = update(job, rows, loss_fn, all_media)
+        record.update(stats)
+        record.update(_telemetry_to_host(job, reward_sums, metrics_vec))
     return record
+
+
+REWARD_KEYS = ("reward_sum", "correct", "count", "response_len_sum", "timeouts", "errors")
+
+
+def _telemetry_to_host(job: BranchJob, reward_sums: torch.Tensor, metrics_vec: torch.Tensor):
+    """Branch sums of the step's device telemetry, in one all-reduce and one host sync.
+
+    ``reward_sums`` count once per DP replica (its first rank adds), ``metrics_vec`` once per
+    replica's last stage (TP rank 0 adds).
+    """
+    topo = job.rt.topo
+    reward_owner = topo.tp_rank == 0 and topo.pp_rank == 0
+    metric_owner = topo.is_last_stage and topo.tp_rank == 0
+    vec = torch.cat([reward_sums if reward_owner else torch.zeros_like(reward_sums),
+                     metrics_vec if metric_owner else torch.zeros_like(metrics_vec)])  # fmt: skip
+    dist.all_reduce(vec, group=topo.branch_group)
+    values = vec.tolist()  # the step's one telemetry sync
+    r = dict(zip(REWARD_KEYS, values[: len(REWARD_KEYS)], strict=True))
+    n = max(r["count"], 1.0)
+    out = {"reward": r["reward_sum"] / n, "accuracy": r["correct"] / n,
+           "response_len": r["response_len_sum"] / n, "reward_timeouts": r["timeouts"],
+           "reward_errors": r["errors"]}  # fmt: skip
+    out.update(unpack_metrics(values[len(REWARD_KEYS) :], job.edges))
+    overlaps = [v for k, v in out.items() if k.endswith("/overlap")]
+    if overlaps:
+        out["overlap"] = sum(overlaps) / len(overlaps)
+    return out
 
 
 def rollout_native(job: BranchJob, step: int) -> tuple[list[dict], Rollouts, RowMedia | None]:
@@ -167,23 +199,28 @@ def _sampling(job: BranchJob) -> SamplingParams:
 
 
 def reward_and_advantages(job: BranchJob, samples: list[dict], rolls: Rollouts):
-    """Verifiable rewards of the native rollouts and their GRPO rows; reward telemetry."""
-    g = job.cfg.grpo
-    texts = [job.rt.codec.decode(r) for r in rolls.responses()]
+    """Verifiable rewards of the native rollouts and their GRPO rows (on the device).
+
+    Returns (rows, reward sums ``[len(REWARD_KEYS)]`` on the device, this rank's; summed over
+    the branch by :func:`_telemetry_to_host`). The responses come to the host once, as text
+    for the verifiers.
+    """
+    g, dev = job.cfg.grpo, job.rt.device
+    host = pack_rollouts(rolls.tokens, rolls.prompt_lens, rolls.lengths).cpu()
+    responses = [row[2 + int(row[0]) : 2 + int(row[1])].tolist() for row in host]
+    texts = [job.rt.codec.decode(r) for r in responses]
     gold = [s for s in samples for _ in range(g.group_size)]
     items = [(t, s["answer"], s["reward_type"]) for t, s in zip(texts, gold, strict=True)]
     rewards, status = job.judge.score(items)
+    rewards = rewards.to(dev)
     adv = grpo_advantages(rewards, g.group_size, g.adv_eps)
-    rows = grpo_rows(rolls.tokens.cpu(), rolls.prompt_lens.cpu(), rolls.lengths.cpu(), adv,
-                     job.cfg.opd.top_k)  # fmt: skip
+    rows = grpo_rows(rolls.tokens, rolls.prompt_lens, rolls.lengths, adv, rolls.sampler_logprobs)
     resp_len = (rolls.lengths - rolls.prompt_lens).float()
-    sums = torch.tensor([rewards.sum(), (rewards > 0.5).float().sum(), len(items),
-                         resp_len.sum(), status["timeout"], status["error"]])  # fmt: skip
-    s = _branch_sum(job, sums, owner=job.rt.topo.tp_rank == 0 and job.rt.topo.pp_rank == 0)
-    n = max(float(s[2]), 1.0)
-    return rows, {"reward": float(s[0]) / n, "accuracy": float(s[1]) / n,
-                  "response_len": float(s[3]) / n, "reward_timeouts": float(s[4]),
-                  "reward_errors": float(s[5])}  # fmt: skip
+    counts = torch.tensor([len(items), status["timeout"], status["error"]], dtype=torch.float32)
+    counts = counts.to(dev)
+    sums = torch.stack([rewards.sum(), (rewards > 0.5).float().sum(), counts[0], resp_len.sum(),
+                        counts[1], counts[2]])  # fmt: skip
+    return rows, sums
 
 
 def peer_scoring(job: BranchJob, peer_out: dict, students: list[str]) -> dict:
@@ -226,46 +263,43 @@ def peer_scoring(job: BranchJob, peer_out: dict, students: list[str]) -> dict:
         return return_scores(topo, mine, expected, cfg.opd.top_k, dev)
 
 
-def _placeholder(r: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher scores on ranks that do not compute the loss (not the last PP stage)."""
-    n, width = r.tokens.shape
-    return torch.zeros(n, width), torch.zeros(n, width, k, dtype=torch.long)
+def _placeholder(r: Rollouts) -> tuple[torch.Tensor, None]:
+    """Teacher scores on ranks that do not compute the loss (not the last PP stage): zero
+    log-probs and no top-k."""
+    return torch.zeros(r.tokens.shape, device=r.tokens.device), None
 
 
-def update(job: BranchJob, rows: Rows, loss_fn, media: RowMedia | None = None) -> dict:
-    """Optimizer step(s) on the combined GRPO + OPD rows; loss and edge telemetry.
+def update(job: BranchJob, rows: Rows, loss_fn, media: RowMedia | None = None):
+    """Optimizer step(s) on the combined GRPO + OPD rows.
 
-    With ``grpo.updates_per_batch`` > 1 the old-policy log-probs are computed once, before the
-    first update; with ``grpo.kl_coef`` > 0 the frozen reference model scores the rows too.
+    Returns (the last update's summed loss/edge telemetry ``[metric_width]`` on the device,
+    this rank's share; {"grad_norm", "skipped_step"} host floats). With
+    ``grpo.updates_per_batch`` > 1 the old-policy log-probs are computed once, before the first
+    update; with ``grpo.kl_coef`` > 0 the frozen reference model scores the rows too.
     ``media``: the rows' media (``vision.enabled``), attached to every microbatch.
     """
-    topo, cfg = job.rt.topo, job.cfg
-    width = metric_width(len(job.edges))
+    topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
     extra = {}
     if cfg.grpo.updates_per_batch > 1:
         extra["old_logp"] = _row_logprobs(job, job.bm, rows, media)
     if job.ref is not None:
         extra["ref_logp"] = _row_logprobs(job, job.ref, rows, media)
-    metrics: dict = {}
+    vec, stats = torch.zeros(metric_width(len(job.edges)), device=dev), {}
     for _ in range(cfg.grpo.updates_per_batch):
-        mbs = microbatches(rows, cfg.parallel.micro_batch_size, job.rt.device, extra)
+        mbs = microbatches(rows, cfg.parallel.micro_batch_size, dev, extra)
         if media is not None:
             mbs = _media_spec(job).attach(mbs, media, cfg.parallel.micro_batch_size)
         out = run_microbatches(job.bm, topo, mbs, loss_fn)
-        vec = sum((o["metrics"] for o in out), torch.zeros(width))
-        finite = all_finite([float(vec[0])], job.rt.topo.branch_group)
-        stats = optimizer_step(job.bm, finite)
-        owner = topo.is_last_stage and topo.tp_rank == 0
-        metrics = unpack_metrics(_branch_sum(job, vec, owner), job.edges)
-        metrics.update(grad_norm=stats["grad_norm"], skipped_step=stats["skipped"])
-        overlaps = [v for k, v in metrics.items() if k.endswith("/overlap")]
-        if overlaps:
-            metrics["overlap"] = sum(overlaps) / len(overlaps)
-    return metrics
+        vec = sum(
+            (o["metrics"] for o in out), torch.zeros(metric_width(len(job.edges)), device=dev)
+        )
+        stats = optimizer_step(job.bm, all_finite(vec[:1], topo.branch_group))
+    return vec, {"grad_norm": stats["grad_norm"], "skipped_step": stats["skipped"]}
 
 
 def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> torch.Tensor:
-    """Token-aligned log-probs ``[N, L]`` of the rows under ``bm`` (zeros off the last stage)."""
+    """Token-aligned log-probs ``[N, L]`` of the rows under ``bm`` (zeros off the last stage),
+    on the device."""
     cfg = job.cfg
     res = score_sequences(
         bm,
@@ -278,21 +312,15 @@ def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> tor
         job.rt.device,
         _vlm(job, media),
     )
-    return res[0].cpu() if res is not None else torch.zeros(rows.tokens.shape)  # fmt: skip
-
-
-def _branch_sum(job: BranchJob, vec: torch.Tensor, owner: bool) -> torch.Tensor:
-    """Sum ``vec`` over the branch, counting each DP replica once (only ``owner`` ranks add)."""
-    buf = (vec.float() if owner else torch.zeros_like(vec, dtype=torch.float32)).to(job.rt.device)
-    dist.all_reduce(buf, group=job.rt.topo.branch_group)
-    return buf.cpu()
+    return res[0] if res is not None else torch.zeros(rows.tokens.shape, device=job.rt.device)
 
 
 def merge_branches(job: BranchJob) -> None:
-    """Weighted in-place merge of every branch (uniform by default) over the peer groups."""
+    """Weighted in-place merge of every branch's fp32 masters (uniform by default) over the peer
+    groups; Adam's moments follow ``merge.optimizer_state``."""
     weights = [b.merge_weight for b in job.cfg.branches]
-    merge_in_place(job.bm.model, job.rt.topo, weights)
-    refresh_optimizer_master(job.bm.optimizer)
+    merge_in_place(job.bm.model, job.bm.optimizer, job.rt.topo, weights,
+                   job.cfg.merge.optimizer_state)  # fmt: skip
 
 
 def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:

@@ -69,8 +69,9 @@ def merge_case(rank: int, overrides: list[str], weights: list[float]):
 
     cfg, topo, bm = setup(overrides)
     perturb(bm, topo)
+    bm.optimizer.reload_model_params()  # the masters take the perturbed weights
     before = {n: p.detach().clone() for n, p in bm.module.named_parameters()}
-    merge_in_place(bm.model, topo, weights)
+    merge_in_place(bm.model, bm.optimizer, topo, weights)
     after = {n: p.detach().clone() for n, p in bm.module.named_parameters()}
     dist.barrier()
     return {"branch": topo.branch.name, "before": before, "after": after}
@@ -91,7 +92,7 @@ def update_case(rank: int, overrides: list[str]):
     from copd_mega.batches import grpo_rows
     from copd_mega.config import load_config
     from copd_mega.job import build_job
-    from copd_mega.objective import make_loss_fn
+    from copd_mega.objective import make_loss_fn, unpack_metrics
     from copd_mega.train import update
 
     job = build_job(load_config(None, overrides))
@@ -99,8 +100,8 @@ def update_case(rank: int, overrides: list[str]):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 100, (4, 10), generator=g)
     rows = grpo_rows(tokens, torch.tensor([3, 3, 4, 4]), torch.tensor([10, 9, 10, 8]),
-                     torch.tensor([1.0, -1.0, 0.5, -0.5]), job.cfg.opd.top_k)  # fmt: skip
-    first = update(job, rows, loss_fn)
-    second = update(job, rows, loss_fn)
+                     torch.tensor([1.0, -1.0, 0.5, -0.5]))  # fmt: skip
+    first = unpack_metrics(update(job, rows, loss_fn)[0].tolist(), job.edges)  # one rank
+    second = unpack_metrics(update(job, rows, loss_fn)[0].tolist(), job.edges)
     job.judge.close()
     return first, second

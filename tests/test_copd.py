@@ -67,7 +67,7 @@ TINY = [
 TWO = "branches=[{name: arith, data: arith}, {name: reverse, data: reverse}]"
 MODES = {
     "copd": (2, [TWO, "schedule.mode=copd"]),
-    "expert": (2, [TWO, "schedule.mode=expert"]),
+    "expert": (2, [TWO, "schedule.mode=expert", "rollout.tis_cap=2.0"]),
     "mixed": (1, ["branches=[{name: mixed, data: arith+reverse}]", "schedule.mode=mixed",
                   "teaching.graph=none"]),
     "static_opd": (2, [TWO, "schedule.mode=static_opd", "schedule.student=arith"]),
@@ -86,6 +86,11 @@ def test_mode_runs_end_to_end(mode, tmp_path):
     rows = [json.loads(line) for p in (tmp_path / "metrics").glob("*.jsonl")
             for line in p.read_text().splitlines()]  # fmt: skip
     opd_rows = [r for r in rows if r["phase"] == "opd" and r["learner"]]
+    learned = [r for r in rows if r["learner"]]
+    # fp32: the sampler's log-probs (KV cache) equal the trainer's (full forward) per token
+    assert learned and all(0.0 <= r["rollout/logp_gap"] < 1e-4 for r in learned)
+    if mode == "expert":  # truncated importance sampling on: weights min(ratio, 2) are ~1
+        assert all(abs(r["rollout/tis_weight"] - 1.0) < 1e-4 for r in learned)
     if mode in ("copd", "static_opd", "mopd"):
         assert opd_rows and all(any(k.endswith("/overlap") for k in r) for r in opd_rows)
         assert all(any(k.endswith("/delta") for k in r) for r in opd_rows)

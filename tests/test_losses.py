@@ -13,6 +13,7 @@ from copd_mega.losses import (
     masked_mean,
     opd_advantages,
     topk_overlap,
+    truncated_importance_weights,
 )
 
 INF = float("inf")
@@ -267,3 +268,32 @@ def test_masked_mean():
     mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
     assert close(masked_mean(x, mask), (1 + 2 + 6) / 3)
     assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
+
+
+# --- truncated importance sampling -----------------------------------------------------------
+
+
+def test_truncated_importance_weights_hand_computed():
+    # ratio pi_trainer / pi_sampler = exp(trainer - sampler):
+    # (0,0): exp(-1.0 - -1.5) = exp(0.5) = 1.6487 -> capped at 1.5
+    # (0,1): exp(-2.0 - -1.0) = exp(-1)  = 0.3679 (below the cap: kept)
+    # (1,0): exp(-0.3 - -0.3) = 1
+    # (1,1): masked out (sampler -inf there): weight 0
+    trainer = torch.tensor([[-1.0, -2.0], [-0.3, -1.0]])
+    sampler = torch.tensor([[-1.5, -1.0], [-0.3, -INF]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w = truncated_importance_weights(trainer, sampler, 1.5, mask)
+    assert torch.allclose(w, torch.tensor([[1.5, math.exp(-1.0)], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="tis_cap"):
+        truncated_importance_weights(trainer, sampler, 0.0, mask)
+
+
+def test_token_weight_scales_each_tokens_policy_term():
+    # rho = 1, A = 1 on 3 tokens: loss = -(w0 + w1 + w2) / 3 with w = (1.5, 0.5, 1.0)
+    logp = torch.zeros(1, 3, requires_grad=True)
+    mask = torch.ones(1, 3)
+    weight = torch.tensor([[1.5, 0.5, 1.0]])
+    loss, _ = clipped_surrogate_loss(logp, logp.detach(), torch.ones(1), mask, token_weight=weight)
+    assert close(loss, -(1.5 + 0.5 + 1.0) / 3)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, -weight / 3)  # d(rho*A)/dlogp = rho*A = 1, times the weight
