@@ -36,6 +36,7 @@ from copd_mega.losses import grpo_advantages
 from copd_mega.model import branch_seed
 from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
+from copd_mega.parallel import comm
 from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
 from copd_mega.parallel.merge import merge_in_place, refresh_optimizer_master
 from copd_mega.rollout import Rollouts, SamplingParams
@@ -284,7 +285,7 @@ def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> tor
 def _branch_sum(job: BranchJob, vec: torch.Tensor, owner: bool) -> torch.Tensor:
     """Sum ``vec`` over the branch, counting each DP replica once (only ``owner`` ranks add)."""
     buf = (vec.float() if owner else torch.zeros_like(vec, dtype=torch.float32)).to(job.rt.device)
-    dist.all_reduce(buf, group=job.rt.topo.branch_group)
+    comm.all_reduce(buf, group=job.rt.topo.branch_group)
     return buf.cpu()
 
 
