@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def _rank(rank: int, n: int, port: int, config: str, repeats: int, out: str) -> None:
+def _rank(rank: int, n: int, port: int, config: str, repeats: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
@@ -53,17 +53,16 @@ def _rank(rank: int, n: int, port: int, config: str, repeats: int, out: str) -> 
     bm = build_branch_model(cfg, topo)
     prepare_for_training(bm, topo)
     walls, cpus = [], []
-    with tempfile.TemporaryDirectory() as root:
-        for step in range(repeats + 1):  # the first save is warm-up
-            comm.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            save_step(root, step, bm, topo, cfg, {"step": step})
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            if step:
-                walls.append(max(comm.all_gather_object(wall)))
-                cpus.append(sum(comm.all_gather_object(cpu)))
+    for step in range(repeats + 1):  # the first save is warm-up
+        comm.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        save_step(os.path.join(tmp, "checkpoints"), step, bm, topo, cfg, {"step": step})
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if step:
+            walls.append(max(comm.all_gather_object(wall)))
+            cpus.append(sum(comm.all_gather_object(cpu)))
     if rank == 0:
-        with open(out, "w") as f:
+        with open(os.path.join(tmp, "r.json"), "w") as f:
             json.dump({"wall": walls, "cpu": cpus}, f)
     comm.barrier()
     comm.destroy_process_group()
@@ -78,9 +77,8 @@ def main() -> None:
     print("branches  save wall (s)  cpu all ranks (s)  cpu / cores (s)")
     for n in a.branches:
         with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "r.json")
-            mp.spawn(_rank, args=(n, free_port(), a.config, a.repeats, out), nprocs=n)
-            with open(out) as f:
+            mp.spawn(_rank, args=(n, free_port(), a.config, a.repeats, tmp), nprocs=n)
+            with open(os.path.join(tmp, "r.json")) as f:
                 r = json.load(f)
         wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
         print(f"{n:8d}  {wall:13.2f}  {cpu:17.2f}  {cpu / cores:15.2f}", flush=True)
