@@ -245,10 +245,10 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     rank_file = step_dir / TRAINER_DIR / f"rank_{rank:05d}.pt"
     torch.save({**record, "trainer_state": trainer_state}, rank_file.with_suffix(".tmp"))
     os.replace(rank_file.with_suffix(".tmp"), rank_file)
+    if rank == topo.branch.first_rank:  # every branch's leader, at the same time
+        save_config(cfg, step_dir / branch_dir_name(topo.branch.name) / CONFIG_FILE)
     if rank == 0:
         save_config(cfg, step_dir / TRAINER_DIR / CONFIG_FILE)
-        for name in names:
-            save_config(cfg, step_dir / branch_dir_name(name) / CONFIG_FILE)
     comm.barrier()  # every rank's files are in place
     if rank == 0:
         lay = topo.layout
