@@ -1,11 +1,11 @@
 """Checkpoints: Megatron ``torch_dist`` directories, the per-step resume layout, offline access.
 
-**One directory per branch.** Branches hold different weights under identical Megatron keys, and
-``dist_checkpointing.save/load`` are collectives over the whole world coordinated by global rank
-0. So each branch is written to its own directory *in turn*: every rank calls save for every
-branch, ranks outside the branch pass ``{}``. Megatron's ``common.pt`` is written by global rank 0
-only, so a branch's non-tensor state (optimizer hyper-parameters, sharding type) is stored as one
-``ShardedObject`` owned by the branch's first rank instead. Each branch directory is a complete
+**One directory per branch, all at once.** Branches hold different weights under identical
+Megatron keys, so each branch is written to its own directory, and each branch saves and loads
+over its own process group (``topo.branch_group``): all branches write at the same time and the
+save time does not grow with the branch count (``sharded_state.save_dir``). A branch's non-tensor
+state (optimizer hyper-parameters, sharding type) is stored as one ``ShardedObject`` owned by the
+branch's first rank. Each branch directory is a complete
 Megatron checkpoint on its own: it loads at any TP/PP split (Megatron reshards; a padded vocabulary
 loads with ``allow_shape_mismatch``) and the offline tools read it without a process group.
 
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.config import Config, save_config
+from copd_mega.parallel import comm
 from copd_mega.rng_state import capture_rng, restore_rng
 from copd_mega.sharded_state import (
     CONFIG_FILE,
@@ -97,7 +98,8 @@ def save_model(
     branch: str | None = None,
     tokenizer: str | Path | None = None,
 ) -> Path:
-    """Write ``branch``'s weights (model only) to ``path``. Collective over the whole world.
+    """Write ``branch``'s weights (model only) to ``path``. Collective over that branch's ranks;
+    every other rank returns at once, so saves of different branches run concurrently.
 
     ``model``: a BranchModel, DDP or GPTModel. ``branch`` may be omitted when the job has one
     branch. ``config.yaml`` (and ``tokenizer.json`` when given) are written beside the weights.
@@ -109,14 +111,15 @@ def save_model(
     if branch not in names:
         raise ValueError(f"save_model: branch {branch!r} is not one of {names}")
     path = Path(path)
-    if dist.get_rank() == 0:
+    if topo.branch.name != branch:
+        return path
+    if topo.rank == topo.branch.first_rank:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         _write_sidecars(path, cfg, tokenizer)
-    dist.barrier()
-    mine = topo.branch.name == branch
-    save_dir(path, {"model": model_sharded_state_dict(model, topo)} if mine else None)
+    comm.barrier(topo.branch_group)
+    save_dir(path, {"model": model_sharded_state_dict(model, topo)}, topo.branch_group)
     return path
 
 
@@ -124,17 +127,17 @@ def save_model(
 def load_model(path: str | Path, model: Any, topo, *, branch: str | None = None) -> None:
     """Load model weights from ``path`` into ``model`` on every rank (or only ``branch``'s).
 
-    Collective over the world. Works at any TP/PP split. Given a BranchModel, the optimizer's
-    fp32 main parameters are refreshed from the loaded weights.
+    Collective over each loading branch's ranks (branches load at the same time). Works at any
+    TP/PP split. Given a BranchModel, the optimizer's fp32 main parameters are refreshed from
+    the loaded weights.
     """
     path = require_model_dir(path)
-    mine = branch is None or topo.branch.name == branch
-    template = {"model": model_sharded_state_dict(model, topo)} if mine else None
-    loaded = load_dir(path, template, topo)
-    if loaded is not None:
-        load_module(model, loaded["model"], path)
-        if hasattr(model, "optimizer"):
-            model.optimizer.reload_model_params()
+    if branch is not None and topo.branch.name != branch:
+        return
+    loaded = load_dir(path, {"model": model_sharded_state_dict(model, topo)}, topo)
+    load_module(model, loaded["model"], path)
+    if hasattr(model, "optimizer"):
+        model.optimizer.reload_model_params()
 
 
 # ----------------------------------------------------------------------------- step checkpoints
@@ -225,7 +228,8 @@ def _prepare_step_dir(root: Path, step_dir: Path, names: list[str]) -> None:
 def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state: dict) -> Path:
     """Save every branch's model + optimizer, this rank's ``trainer_state`` and RNG for ``step``.
 
-    Collective over the whole world. ``trainer_state`` (schedule, data cursor, step, ...) is
+    Collective over the whole world; each branch writes its directory over its own group, all
+    branches at once. ``trainer_state`` (schedule, data cursor, step, ...) is
     torch-saved per global rank with :func:`capture_rng`. ``latest`` moves only after every rank
     finished; then complete steps beyond ``cfg.checkpoint.keep_last`` are deleted.
     """
@@ -235,18 +239,17 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     names = [b.name for b in topo.layout.branches]
     _prepare_step_dir(root, step_dir, names)
     state = to_savable(train_sharded_state_dict(bm, topo, loading=False), topo)
-    for name in names:
-        save_dir(step_dir / branch_dir_name(name), state if topo.branch.name == name else None)
+    save_dir(step_dir / branch_dir_name(topo.branch.name), state, topo.branch_group)
     rank = dist.get_rank()
     record = {"step": step, "branch": topo.branch.name, "rank": rank, "rng": rng}
     rank_file = step_dir / TRAINER_DIR / f"rank_{rank:05d}.pt"
     torch.save({**record, "trainer_state": trainer_state}, rank_file.with_suffix(".tmp"))
     os.replace(rank_file.with_suffix(".tmp"), rank_file)
+    if rank == topo.branch.first_rank:  # every branch's leader, at the same time
+        save_config(cfg, step_dir / branch_dir_name(topo.branch.name) / CONFIG_FILE)
     if rank == 0:
         save_config(cfg, step_dir / TRAINER_DIR / CONFIG_FILE)
-        for name in names:
-            save_config(cfg, step_dir / branch_dir_name(name) / CONFIG_FILE)
-    dist.barrier()  # every rank's files are in place
+    comm.barrier()  # every rank's files are in place
     if rank == 0:
         lay = topo.layout
         info = {"step": step, "branches": names, "world_size": dist.get_world_size()}
@@ -254,7 +257,7 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
         _atomic_write(step_dir / COMPLETE_FILE, json.dumps({**info, "time": time.time()}))
         _atomic_write(root / LATEST_FILE, step_dir.name + "\n")
         _apply_retention(root, step_dir, cfg.checkpoint.keep_last)
-    dist.barrier()
+    comm.barrier()
     return step_dir
 
 
@@ -277,12 +280,11 @@ def _apply_retention(root: Path, newest: Path, keep_last: int) -> None:
 def load_latest(root: str | Path, bm, topo, *, restore_rng_state: bool = True) -> dict | None:
     """Restore every branch's model + optimizer and this rank's RNG from the newest complete step.
 
-    Collective over the world. Returns the ``trainer_state`` dict this rank saved, or None when
-    ``root`` holds no complete step. Global rank 0 chooses the step (warning about skipped ones).
+    Collective over the world (global rank 0 chooses the step, warning about skipped ones); each
+    branch then loads its directory over its own group, all branches at once. Returns the
+    ``trainer_state`` dict this rank saved, or None when ``root`` holds no complete step.
     """
-    choice = [find_resume_step(root) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    step_dir = choice[0]
+    step_dir = comm.broadcast_object(find_resume_step(root) if dist.get_rank() == 0 else None)
     if step_dir is None:
         return None
     names = [b.name for b in topo.layout.branches]
@@ -299,14 +301,11 @@ def load_latest(root: str | Path, bm, topo, *, restore_rng_state: bool = True) -
             "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
         )
     rank_file = step_dir / TRAINER_DIR / f"rank_{dist.get_rank():05d}.pt"
-    template = train_sharded_state_dict(bm, topo, loading=True)
-    for name in names:
-        path = step_dir / branch_dir_name(name)
-        loaded = load_dir(path, template if topo.branch.name == name else None, topo)
-        if loaded is not None:
-            load_module(bm, loaded["model"], path)
-            bm.optimizer.load_state_dict(loaded["optimizer"])
-            restore_adam_step(bm.optimizer, loaded["optimizer"])
+    path = step_dir / branch_dir_name(topo.branch.name)
+    loaded = load_dir(path, train_sharded_state_dict(bm, topo, loading=True), topo)
+    load_module(bm, loaded["model"], path)
+    bm.optimizer.load_state_dict(loaded["optimizer"])
+    restore_adam_step(bm.optimizer, loaded["optimizer"])
     record = torch.load(rank_file, weights_only=False)
     if restore_rng_state:
         restore_rng(record["rng"])

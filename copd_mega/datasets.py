@@ -17,6 +17,7 @@ import torch.distributed as dist
 from copd_mega.config import Config, ConfigError, DataConfig
 from copd_mega.data.reader import ShardReader
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
+from copd_mega.parallel import comm
 
 
 def data_root(cfg: Config) -> Path:
@@ -77,7 +78,7 @@ def prepare_data(cfg: Config) -> Path:
         if not tok_path.exists():
             save_tokenizer(build_tokenizer(), tok_path)
     if dist.is_initialized():
-        dist.barrier()
+        comm.barrier()
     for b in cfg.branches:
         shard_paths(cfg, b.data, "train")
     if cfg.checkpoint.init_from_hf:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from copd_mega.datasets import capabilities_of, make_reader
 from copd_mega.judge import Judge
 from copd_mega.multimodal import generate, prompts_and_media
+from copd_mega.parallel import comm
 from copd_mega.rollout import SamplingParams
 from copd_mega.runtime import Runtime
 
@@ -50,7 +51,7 @@ def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0
             correct += torch.tensor([float((rewards > 0.5).sum()), float(len(samples))])
         if dp > 1:
             correct = correct.to(rt.device)
-            dist.all_reduce(correct, group=topo.pg.dp)
+            comm.all_reduce(correct, group=topo.pg.dp)
         out[cap] = float(correct[0] / max(correct[1], 1.0))
     return out
 

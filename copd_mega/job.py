@@ -23,6 +23,7 @@ from copd_mega.hf.init_from_hf import copy_tokenizer_files, hf_init_dir
 from copd_mega.judge import Judge
 from copd_mega.metrics import MetricsLogger
 from copd_mega.model import BranchModel, build_branch_model, build_gpt
+from copd_mega.parallel import comm
 from copd_mega.rollout import RolloutEngine
 from copd_mega.runtime import Runtime, start
 from copd_mega.schedule import ScheduleState, StepPlan, build_plan
@@ -188,8 +189,7 @@ def evaluate_shared_model(job: BranchJob, label: str) -> dict[str, dict[str, flo
 
 def _gather_rows(job: BranchJob, mine: dict) -> dict:
     """Union of every branch leader's dict, on every rank (collective over the world)."""
-    rows: list = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, mine if job.rt.topo.is_branch_leader else {})
+    rows = comm.all_gather_object(mine if job.rt.topo.is_branch_leader else {})
     merged: dict = {}
     for r in rows:
         merged.update(r)

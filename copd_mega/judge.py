@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 from copd_mega.rewards import RewardPool
 
@@ -42,7 +43,7 @@ class Judge:
             buf[len(items) :] = torch.tensor([counts["ok"], counts["timeout"], counts["error"]])
         if dist.get_world_size(self.group) > 1:
             buf = buf.to(self.device)
-            dist.broadcast(buf, src=self.src, group=self.group)
+            comm.broadcast(buf, src=self.src, group=self.group)
             buf = buf.cpu()
         ok, timeout, error = (int(x) for x in buf[len(items) :].tolist())
         call = {"ok": ok, "timeout": timeout, "error": error}

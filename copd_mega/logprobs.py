@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from copd_mega.parallel import comm
+
 
 def _tp_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None or not dist.is_initialized():
@@ -42,7 +44,7 @@ def _tp_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
     if _tp_rank_size(group)[1] > 1:
-        dist.all_reduce(t, op=op, group=group)
+        comm.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -235,8 +237,8 @@ def token_topk(
         if size > 1:
             all_vals = [torch.empty_like(vals) for _ in range(size)]
             all_idx = [torch.empty_like(idx) for _ in range(size)]
-            dist.all_gather(all_vals, vals.contiguous(), group=tp_group)
-            dist.all_gather(all_idx, idx.contiguous(), group=tp_group)
+            comm.all_gather(all_vals, vals.contiguous(), group=tp_group)
+            comm.all_gather(all_idx, idx.contiguous(), group=tp_group)
             vals, idx = torch.cat(all_vals, dim=-1), torch.cat(all_idx, dim=-1)
         best = vals.topk(k, dim=-1).indices
         out[:, i:j] = idx.gather(-1, best)

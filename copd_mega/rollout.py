@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from copd_mega.config import Config
+from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 
 
@@ -205,7 +206,7 @@ def decode_loop(
         fed = t
         tok = sample_tokens(logits, vocab_size, params, generator)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.broadcast(tok, group=tp_group, group_src=0)
+            comm.broadcast(tok, group=tp_group, group_src=0)
         gen = (t >= plen) & ~done
         buf[:, t] = torch.where(gen, tok, buf[:, t])
         logprobs[:, t] = torch.where(gen, model_logprob(logits, tok, vocab_size), 0.0)

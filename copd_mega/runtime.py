@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError
 from copd_mega.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
+from copd_mega.parallel import comm
 from copd_mega.parallel.dist import device, init_distributed
 from copd_mega.parallel.topology import Topology, build_topology, plan_layout
 from copd_mega.plan import format_layout
@@ -53,5 +54,5 @@ def start(cfg: Config) -> Runtime:
 
 def shutdown() -> None:
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        comm.barrier()
+        comm.destroy_process_group()

@@ -12,11 +12,13 @@ Per run, over the remaining steps of every branch:
   phases          mean seconds per step in rollout, reward, teacher scoring, exchange, train,
                   merge (``schedule.merge_every_cycle``) and checkpoint; ``other`` is the rest
   exchange share  exchange time / step time
+  save            mean seconds of one checkpoint save (over the steps that saved, every branch)
+  step w/o save   step time less the checkpoint's share of it
 The final merge after the last step is not in the metrics, so ``merge`` counts only merges
 during training.
 
 Prints the table, writes it as markdown (``--table``) and draws one PNG (``--png``) with step
-time, tokens/s per rank and exchange share against branch count.
+time, tokens/s per rank, exchange share and checkpoint save time against branch count.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RunSummary:
     tokens_per_s_per_rank: float
     tokens_per_s: float
     phase_s: dict[str, float]  # phase -> mean seconds per step
+    save_s: float = 0.0  # mean seconds of one checkpoint save (0: no save after warm-up)
 
     @property
     def world_size(self) -> int:
@@ -53,6 +56,10 @@ class RunSummary:
     @property
     def other_s(self) -> float:
         return max(self.step_time_s - sum(self.phase_s.values()), 0.0)
+
+    @property
+    def step_without_save_s(self) -> float:
+        return self.step_time_s - self.phase_s["checkpoint"]
 
     @property
     def exchange_share(self) -> float:
@@ -71,6 +78,7 @@ def summarize(
         raise ValueError(f"{run_dir or 'run'}: no metrics; pass run directories of `copd train`")
     first = min(r["step"] for rows in metrics.values() for r in rows)
     per_branch, step_sum, phase_sum, rates = {}, 0.0, dict.fromkeys(PHASES, 0.0), []
+    saves = []
     for branch, rows in metrics.items():
         kept = [
             r for r in rows if r["step"] != first and isinstance(r.get("time/step"), (int, float))
@@ -85,6 +93,7 @@ def summarize(
         step_sum += seconds
         for p in PHASES:
             phase_sum[p] += sum(float(r.get(f"time/{p}", 0.0)) for r in kept)
+        saves += [float(r["time/checkpoint"]) for r in kept if r.get("time/checkpoint", 0) > 0]
         tokens = sum(float(r.get("train_tokens", 0.0)) for r in kept)
         rates.append(tokens / seconds if seconds > 0 else 0.0)
     n = sum(per_branch.values())
@@ -97,6 +106,7 @@ def summarize(
         tokens_per_s_per_rank=sum(rates) / len(rates) / ranks_per_branch,
         tokens_per_s=sum(rates),
         phase_s={p: phase_sum[p] / n for p in PHASES},
+        save_s=sum(saves) / len(saves) if saves else 0.0,
     )
 
 
@@ -133,7 +143,7 @@ def summarize_run(run_dir: str | Path, ranks_per_branch: int | None = None) -> R
 HEADER = (
     ["branches", "ranks", "steps", "step (s)", "tokens/s/rank", "tokens/s"]
     + [f"{p} (s)" for p in PHASES]
-    + ["other (s)", "exchange share"]
+    + ["other (s)", "exchange share", "save (s)", "step w/o save (s)"]
 )
 
 
@@ -144,14 +154,15 @@ def format_table(runs: list[RunSummary]) -> str:
         cells = [str(r.branches), str(r.world_size), str(r.steps), f"{r.step_time_s:.3f}",
                  f"{r.tokens_per_s_per_rank:.1f}", f"{r.tokens_per_s:.1f}"]  # fmt: skip
         cells += [f"{r.phase_s[p]:.3f}" for p in PHASES]
-        cells += [f"{r.other_s:.3f}", f"{100 * r.exchange_share:.1f}%"]
+        cells += [f"{r.other_s:.3f}", f"{100 * r.exchange_share:.1f}%", f"{r.save_s:.2f}"]
+        cells.append(f"{r.step_without_save_s:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(runs: list[RunSummary], path: str | Path) -> Path:
-    """One PNG, three panels against branch count: step time stacked by phase, tokens/s per
-    rank, exchange share of step time. Runs sit at evenly spaced positions labelled by count."""
+    """One PNG, four panels against branch count: step time stacked by phase, tokens/s per
+    rank, exchange share of step time, seconds of one checkpoint save. Runs sit at evenly spaced positions labelled by count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +170,7 @@ def plot(runs: list[RunSummary], path: str | Path) -> Path:
 
     runs = sorted(runs, key=lambda r: (r.branches, r.run_dir))
     xs = list(range(len(runs)))
-    fig, (ax_t, ax_r, ax_x) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (ax_t, ax_r, ax_x, ax_s) = plt.subplots(1, 4, figsize=(17, 3.8))
     bottom = [0.0] * len(runs)
     for name in (*PHASES, "other"):
         ys = [r.other_s if name == "other" else r.phase_s[name] for r in runs]
@@ -169,8 +180,10 @@ def plot(runs: list[RunSummary], path: str | Path) -> Path:
     ax_t.legend(fontsize=7, ncol=2)
     ax_r.plot(xs, [r.tokens_per_s_per_rank for r in runs], marker="o")
     ax_x.plot(xs, [100 * r.exchange_share for r in runs], marker="o")
-    titles = ("mean step time by phase (s)", "tokens/s per rank", "exchange share of step time (%)")
-    for ax, title in zip((ax_t, ax_r, ax_x), titles, strict=True):
+    ax_s.plot(xs, [r.save_s for r in runs], marker="o")
+    titles = ("mean step time by phase (s)", "tokens/s per rank", "exchange share of step time (%)",
+              "one checkpoint save (s)")  # fmt: skip
+    for ax, title in zip((ax_t, ax_r, ax_x, ax_s), titles, strict=True):
         ax.set_xticks(xs, [str(r.branches) for r in runs])
         ax.set_xlabel("branches")
         ax.set_title(title, fontsize=10)

@@ -2,8 +2,8 @@
 
 The plumbing under :mod:`copd_mega.checkpoint`: sharded state dicts of the model and the
 distributed optimizer (with the fixes megatron-core 0.16.1 needs on CPU and for several
-branches), saving a directory with ranks outside the branch passing nothing, loading with shape
-checks that fail on every rank at once.
+branches), saving and loading a directory over the branch's own process group (so all branches
+save and load at once), loading with shape checks that fail on every rank of the branch at once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from copd_mega.parallel import comm
+
+BACKEND = "torch_dist"  # megatron's name for the torch.distributed.checkpoint format
 CONFIG_FILE = "config.yaml"  # the resolved config beside every model directory
 OPTIM_FORMAT = "dp_reshardable"  # megatron default; resume keeps TP and PP
 _COMMON = "__branch_common__"
@@ -24,12 +27,10 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or mismatched checkpoint; the message names the path and the fix."""
 
 
-def raise_everywhere(error: str | None) -> None:
-    """Collective: raise CheckpointError on every rank if any rank found ``error`` (instead of
-    leaving the others waiting in the next collective)."""
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
+def raise_everywhere(error: str | None, group: dist.ProcessGroup | None = None) -> None:
+    """Collective over ``group`` (default: the world): raise CheckpointError on every rank if any
+    rank found ``error`` (instead of leaving the others waiting in the next collective)."""
+    first = next((e for e in comm.all_gather_object(error, group) if e), None)
     if first:
         raise CheckpointError(first)
 
@@ -145,28 +146,93 @@ def to_savable(nested: dict, topo) -> dict:
     return out
 
 
-def save_dir(path: Path, state: dict | None) -> None:
-    """Collective over the world: ``state`` on the directory's branch, ``None`` elsewhere."""
+def save_dir(path: Path, state: dict, group: dist.ProcessGroup) -> None:
+    """Write one branch's flat sharded ``state`` to the existing directory ``path``.
+
+    Collective over ``group`` (the branch's ranks) only, so every branch writes its own
+    directory at the same time. megatron-core 0.16.1's ``dist_checkpointing.save`` cannot do
+    that: global rank 0 writes ``common.pt`` and ``metadata.json``, it ends in a world barrier,
+    and its torch_dist strategy plans over the default group with coordinator rank 0. The same
+    steps are composed here with the group: megatron's preprocessing, MCore-to-torch translation
+    and save planner, ``torch.distributed.checkpoint.save(process_group=group)``, then the
+    group's first rank writes ``common.pt`` and ``metadata.json`` (the format and files
+    ``dist_checkpointing.load`` reads; ``metadata.json`` last, as the completion mark).
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    sharded, common = save_preprocess(state, validate_access_integrity=False)
+    by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    dcp.save(
+        mcore_to_pyt_state_dict(by_key, is_loading=False),
+        storage_writer=dcp.FileSystemWriter(str(path), thread_count=1),
+        planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
+        process_group=group,
+    )
+    if dist.get_rank(group) == 0:
+        torch.save(common, path / COMMON_STATE_FNAME)
+        save_config(CheckpointingConfig(BACKEND, 1), str(path))
+    comm.barrier(group)
+
+
+def _group_load_strategy(group: dist.ProcessGroup):
+    """megatron's torch_dist load strategy with the reads planned over ``group``.
+
+    ``TorchDistLoadShardedStrategy.load`` in megatron-core 0.16.1 calls torch's loader without a
+    process group (the whole world). This subclass runs the same steps with ``group``: megatron's
+    key translation and ``MCoreLoadPlanner`` (global-shape checks, ``allow_shape_mismatch``).
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    class GroupLoadStrategy(mtorch.TorchDistLoadShardedStrategy):
+        def load(self, sharded_state_dict: dict, checkpoint_dir) -> dict:
+            tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+            by_key, flat_map, renames = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict
+            )
+            pyt = mtorch.mcore_to_pyt_state_dict(by_key, True)
+            planner = mtorch.MCoreLoadPlanner(
+                shapes_validation_sharded_tensors=[
+                    t for t in tensors if not t.allow_shape_mismatch
+                ],
+                allow_shape_mismatch_sharded_tensors={
+                    t.key: t for t in tensors if t.allow_shape_mismatch
+                },
+            )
+            reader = dcp.FileSystemReader(str(checkpoint_dir))
+            dcp.load(pyt, storage_reader=reader, planner=planner, process_group=group)
+            out = {k: mtorch._unwrap_pyt_sharded_tensor(v) for k, v in pyt.items()}
+            out = mtorch._replace_sharded_keys_with_state_dict_keys(out, flat_map, renames)
+            mtorch._restore_dict_types(out, sharded_state_dict)
+            return out
+
+    return GroupLoadStrategy()
+
+
+def load_dir(path: Path, template: dict, topo) -> dict:
+    """Fill ``template``'s structure from ``path``. Collective over this rank's branch only."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(state or {}, str(path), sharded_strategy=strategy)
-
-
-def load_dir(path: Path, template: dict | None, topo) -> dict | None:
-    """Collective over the world; returns ``template``'s structure filled from ``path``."""
-    from megatron.core import dist_checkpointing
-
+    flat = to_savable(template, topo)
+    raise_everywhere(_shape_error(path, flat), topo.branch_group)
     # No access-integrity check: it wants one main replica per shard across the world, but
     # every branch may load the same checkpoint (a base model for all branches).
-    if template is None:
-        raise_everywhere(None)
-        dist_checkpointing.load({}, str(path), validate_access_integrity=False)
-        return None
-    flat = to_savable(template, topo)
-    raise_everywhere(_shape_error(path, flat))
-    loaded = dist_checkpointing.load(flat, str(path), validate_access_integrity=False)
+    loaded = dist_checkpointing.load(
+        flat,
+        str(path),
+        sharded_strategy=_group_load_strategy(topo.branch_group),
+        validate_access_integrity=False,
+    )
     loaded.update(loaded.pop(_COMMON, {}))
     return _unflatten_like(template, loaded)
 

@@ -36,6 +36,7 @@ from copd_mega.losses import grpo_advantages
 from copd_mega.model import branch_seed
 from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
+from copd_mega.parallel import comm
 from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
 from copd_mega.parallel.merge import merge_in_place
 from copd_mega.rollout import Rollouts, SamplingParams
@@ -140,7 +141,7 @@ def _telemetry_to_host(job: BranchJob, reward_sums: torch.Tensor, metrics_vec: t
     metric_owner = topo.is_last_stage and topo.tp_rank == 0
     vec = torch.cat([reward_sums if reward_owner else torch.zeros_like(reward_sums),
                      metrics_vec if metric_owner else torch.zeros_like(metrics_vec)])  # fmt: skip
-    dist.all_reduce(vec, group=topo.branch_group)
+    comm.all_reduce(vec, group=topo.branch_group)
     values = vec.tolist()  # the step's one telemetry sync
     r = dict(zip(REWARD_KEYS, values[: len(REWARD_KEYS)], strict=True))
     n = max(r["count"], 1.0)

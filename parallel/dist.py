@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from copd_mega.parallel import comm
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, seed: int 
             f"{', '.join(missing)} not set: export them before srun (slurm/copd_8branch.sh "
             "derives MASTER_ADDR from the node list) or start with torchrun."
         )
-    dist.init_process_group(
-        backend=chosen,
-        rank=launch.rank,
-        world_size=launch.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    comm.init_process_group(chosen, launch.rank, launch.world_size, timeout_s)
     os.environ["WORLD_SIZE"] = str(launch.world_size)  # HyperCommGrid reads it
     return launch
 

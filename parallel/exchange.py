@@ -15,15 +15,9 @@ Round 2 (:func:`return_scores`): teacher log-probs ``[N, L]`` fp32 and top-k ids
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
-
-
-def _batch(ops: list[dist.P2POp]) -> None:
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
 
 
 def pack_rollouts(tokens: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor):
@@ -51,22 +45,21 @@ def send_rollouts(
     """
     layout, rank = topo.layout, topo.rank
     shapes_in = {s: torch.zeros(2, dtype=torch.long, device=device) for s in students}
-    ops = [
-        dist.P2POp(dist.isend, torch.tensor(t.shape, device=device), layout.peer_rank(rank, name))
-        for name, t in outgoing.items()
-    ]
-    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in shapes_in.items()]
-    _batch(ops)
+    comm.send_recv(
+        [
+            (torch.tensor(t.shape, device=device), layout.peer_rank(rank, n))
+            for n, t in outgoing.items()
+        ],
+        [(buf, layout.peer_rank(rank, s)) for s, buf in shapes_in.items()],
+    )
     incoming = {
         s: torch.empty(tuple(shape.tolist()), dtype=torch.long, device=device)
         for s, shape in shapes_in.items()
     }
-    ops = [
-        dist.P2POp(dist.isend, t.to(device), layout.peer_rank(rank, name))
-        for name, t in outgoing.items()
-    ]
-    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in incoming.items()]
-    _batch(ops)
+    comm.send_recv(
+        [(t.to(device), layout.peer_rank(rank, n)) for n, t in outgoing.items()],
+        [(buf, layout.peer_rank(rank, s)) for s, buf in incoming.items()],
+    )
     return incoming
 
 
@@ -87,20 +80,19 @@ def return_scores(
     if not topo.is_last_stage:
         return {}
     layout, rank = topo.layout, topo.rank
-    ops = []
+    sends, recvs = [], []
     for student, (logp, topk) in scores.items():
         peer = layout.peer_rank(rank, student)
-        ops.append(dist.P2POp(dist.isend, logp.float().contiguous().to(device), peer))
-        ops.append(dist.P2POp(dist.isend, topk.long().contiguous().to(device), peer))
+        sends.append((logp.float().contiguous().to(device), peer))
+        sends.append((topk.long().contiguous().to(device), peer))
     received = {}
     for teacher, (n, length) in expected.items():
         peer = layout.peer_rank(rank, teacher)
         logp = torch.empty(n, length, dtype=torch.float32, device=device)
         topk = torch.empty(n, length, top_k, dtype=torch.long, device=device)
-        ops.append(dist.P2POp(dist.irecv, logp, peer))
-        ops.append(dist.P2POp(dist.irecv, topk, peer))
+        recvs += [(logp, peer), (topk, peer)]
         received[teacher] = (logp, topk)
-    _batch(ops)
+    comm.send_recv(sends, recvs)
     return received
 
 
@@ -120,25 +112,22 @@ def send_media(
     """
     layout, rank = topo.layout, topo.rank
     heads_in = {s: torch.zeros(4, dtype=torch.long, device=device) for s in students}
-    ops = []
+    heads_out = []
     for name, (pix, meta) in outgoing.items():
-        head = torch.tensor([pix.shape[0], pix.shape[-2], pix.shape[-1], meta.numel()])
-        ops.append(dist.P2POp(dist.isend, head.to(device), layout.peer_rank(rank, name)))
-    ops += [dist.P2POp(dist.irecv, buf, layout.peer_rank(rank, s)) for s, buf in heads_in.items()]
-    _batch(ops)
-    incoming, ops = {}, []
+        head = [pix.shape[0], pix.shape[-2], pix.shape[-1], meta.numel()]
+        heads_out.append((torch.tensor(head, device=device), layout.peer_rank(rank, name)))
+    comm.send_recv(heads_out, [(buf, layout.peer_rank(rank, s)) for s, buf in heads_in.items()])
+    incoming, sends, recvs = {}, [], []
     for s, head in heads_in.items():
         t, h, w, m = head.tolist()
         pix = torch.empty(t, 3, h, w, dtype=torch.float32, device=device)
         meta = torch.empty(m, dtype=torch.long, device=device)
         incoming[s] = (pix, meta)
-        ops += [
-            dist.P2POp(dist.irecv, x, layout.peer_rank(rank, s)) for x in (pix, meta) if x.numel()
-        ]
+        recvs += [(x, layout.peer_rank(rank, s)) for x in (pix, meta) if x.numel()]
     for name, (pix, meta) in outgoing.items():
         peer = layout.peer_rank(rank, name)
         for x in (pix.float().contiguous().to(device), meta.long().contiguous().to(device)):
             if x.numel():
-                ops.append(dist.P2POp(dist.isend, x, peer))
-    _batch(ops)
+                sends.append((x, peer))
+    comm.send_recv(sends, recvs)
     return incoming

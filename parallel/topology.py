@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError
+from copd_mega.parallel import comm
 
 GRID_DIMS = ["tp", "cp", "ep", "pp", "dp"]  # cp and ep are size 1; megatron still wants groups
 
@@ -210,7 +211,7 @@ def _build_branch_pgs(layout: Layout, branch: BranchLayout):
     embd = pos = None
     for ranks in grid.get_rank_enum("pp"):
         e_ranks = sorted({ranks[0], ranks[-1]})
-        e, p = dist.new_group(e_ranks), dist.new_group([ranks[0]])
+        e, p = comm.new_group(e_ranks), comm.new_group([ranks[0]])
         if dist.get_rank() in ranks:
             embd = e if dist.get_rank() in e_ranks else None
             pos = p if dist.get_rank() == ranks[0] else None
@@ -248,7 +249,7 @@ def build_topology(cfg: Config, world_size: int | None = None) -> Topology:
             pgc, branch_group = pgc_b, all_b
     peer_group = None
     for ranks in layout.peer_groups:
-        grp = dist.new_group(ranks)
+        grp = comm.new_group(ranks)
         if rank in ranks:
             peer_group = grp
     tp_rank, pp_rank, dp_rank = layout.coords(rank)

@@ -178,8 +178,8 @@ KILL_SCRIPT = textwrap.dedent(
         ck.save_step(root, 1, bm, topo, cfg, {"step": 1})
         real_save = ck.save_dir
 
-        def save_then_hang(path, state):
-            real_save(path, state)
+        def save_then_hang(path, state, group):
+            real_save(path, state, group)
             print("MIDSAVE", flush=True)
             time.sleep(600)
 

@@ -48,6 +48,16 @@ def test_summary_drops_warmup_and_splits_phases():
     assert s.phase_s["merge"] == 0.0 and s.phase_s["teacher"] == 0.0
     assert s.exchange_share == pytest.approx(0.15)
     assert s.other_s == pytest.approx(2.5 - 1.25 - 0.375 - 0.625)
+    assert s.save_s == 0.0 and s.step_without_save_s == pytest.approx(2.5)
+
+
+def test_summary_reports_one_save_and_the_step_without_it():
+    saved = {**_row(2, 5.0), "time/checkpoint": 3.0}
+    metrics = {"a": [_row(0, 9.0), _row(1, 2.0), saved], "b": [_row(0, 9.0), _row(1, 2.0), saved]}
+    s = summarize(metrics, ranks_per_branch=1)
+    assert s.save_s == pytest.approx(3.0)  # one save, not spread over the steps
+    assert s.phase_s["checkpoint"] == pytest.approx(1.5)
+    assert s.step_without_save_s == pytest.approx(3.5 - 1.5)
 
 
 def test_summary_needs_a_step_after_warmup():
@@ -77,6 +87,7 @@ def test_cli_writes_table_and_plot(tmp_path, capsys):
     assert lines[0].startswith("| branches | ranks | steps | step (s) | tokens/s/rank")
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["1", "2", "4"]
     assert "exchange share" in lines[0] and "checkpoint (s)" in lines[0]
+    assert lines[0].endswith("| save (s) | step w/o save (s) |")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert text.strip() in capsys.readouterr().out
     # defaults: next to the runs
