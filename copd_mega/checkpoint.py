@@ -40,6 +40,7 @@ from copd_mega.rng_state import capture_rng, restore_rng
 from copd_mega.sharded_state import (
     CONFIG_FILE,
     CheckpointError,
+    everywhere,
     load_dir,
     load_module,
     model_sharded_state_dict,
@@ -363,15 +364,19 @@ def load_latest(root: str | Path, bm, topo, *, restore_rng_state: bool = True) -
     names = [b.name for b in topo.layout.branches]
     saved = json.loads((step_dir / COMPLETE_FILE).read_text())
     if saved["branches"] != names:
-        raise CheckpointError(
-            f"{step_dir} holds branches {saved['branches']} but this run has {names}; resume with "
-            "the same branches, or start fresh from a merged model via checkpoint.init_from"
+        raise everywhere(
+            CheckpointError(
+                f"{step_dir} holds branches {saved['branches']} but this run has {names}; resume with "
+                "the same branches, or start fresh from a merged model via checkpoint.init_from"
+            )
         )
     split = [topo.layout.tp, topo.layout.pp, topo.layout.dp]
     if saved.get("tp_pp_dp", split) != split:
-        raise CheckpointError(
-            f"{step_dir} was saved at TP/PP/DP {saved['tp_pp_dp']}, this run is {split}; resume "
-            "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
+        raise everywhere(
+            CheckpointError(
+                f"{step_dir} was saved at TP/PP/DP {saved['tp_pp_dp']}, this run is {split}; resume "
+                "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
+            )
         )
     rank_file = step_dir / TRAINER_DIR / f"rank_{dist.get_rank():05d}.pt"
     template = train_sharded_state_dict(bm, topo, loading=True)

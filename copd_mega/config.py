@@ -61,6 +61,9 @@ class VisionConfig:
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     frames_per_video: int = 4  # frames sampled uniformly from a video; each becomes one image
+    image_token_index: int = (
+        -1
+    )  # HF LLaVA's image token id, kept on import (-1: tokenizer's <image>)
 
 
 @dataclass

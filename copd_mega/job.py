@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from copd_mega.checkpoint import (
     CheckpointError,
+    everywhere,
     incomplete_reason,
     load_latest,
     load_model,
@@ -169,20 +170,24 @@ def start_mode(cfg: Config, retrain: bool = False) -> tuple[str, str]:
     if chosen is not None and mode != "never":
         return "resume", f"resuming from {chosen}"
     if chosen is not None:
-        raise CheckpointError(
-            f"{root} holds checkpoint {chosen.name}: continue it with --resume (or --resume=auto),"
-            " or pass --retrain to start over"
+        raise everywhere(
+            CheckpointError(
+                f"{root} holds checkpoint {chosen.name}: continue it with --resume (or --resume=auto),"
+                " or pass --retrain to start over"
+            )
         )
     if mode == "required":
-        raise CheckpointError(
+        raise everywhere(CheckpointError(
             f"--resume: no complete checkpoint under {root}" + (f" ({why})" if why else "")
             + "; run without --resume to start fresh, or with --resume=auto"
-        )  # fmt: skip
+        ))  # fmt: skip
     if damaged:
-        raise CheckpointError(
-            f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files "
-            f"({incomplete_reason(damaged[0])}); restore the missing files, or pass --retrain "
-            "to start over (damaged folders are kept)"
+        raise everywhere(
+            CheckpointError(
+                f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files "
+                f"({incomplete_reason(damaged[0])}); restore the missing files, or pass --retrain "
+                "to start over (damaged folders are kept)"
+            )
         )
     return "fresh", f"starting fresh: no checkpoint under {root}"
 

@@ -24,6 +24,12 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or mismatched checkpoint; the message names the path and the fix."""
 
 
+def everywhere(error: Exception) -> Exception:
+    """Mark ``error`` as raised alike on every rank (``copd`` then prints it on rank 0 only)."""
+    error.everywhere = True
+    return error
+
+
 def raise_everywhere(error: str | None) -> None:
     """Collective: raise CheckpointError on every rank if any rank found ``error`` (instead of
     leaving the others waiting in the next collective)."""
@@ -31,7 +37,7 @@ def raise_everywhere(error: str | None) -> None:
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e), None)
     if first:
-        raise CheckpointError(first)
+        raise everywhere(CheckpointError(first))
 
 
 def _gpt(model: Any) -> torch.nn.Module:

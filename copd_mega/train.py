@@ -372,10 +372,14 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="copd train", description=__doc__)
     ap.add_argument("--config", required=True)
     ap.add_argument(
-        "--resume", nargs="?", const="required", choices=["required", "auto"],
-        help="continue from RUN/checkpoints (an error when there is none); --resume=auto "
-        "continues if there is a complete checkpoint and starts fresh otherwise (requeued jobs)",
-    )  # fmt: skip
+        "--resume",
+        action="store_const",
+        const="required",
+        help="continue from RUN/checkpoints; an error when there is no checkpoint",
+    )
+    ap.add_argument("--resume=auto", dest="resume", action="store_const", const="auto",
+                    help="continue if RUN/checkpoints holds a complete step, else start fresh "
+                    "(requeued jobs); says which in one line")  # fmt: skip
     ap.add_argument("--retrain", action="store_true",
                     help="start over even when RUN holds checkpoints or a finished run")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
