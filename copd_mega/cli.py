@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 DEBUG_FLAG = "--debug"
+RANK0_GRACE_S = 5.0
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
@@ -63,6 +65,7 @@ def report(command: str, error: BaseException) -> None:
 
     everywhere = isinstance(error, ConfigError) or getattr(error, "everywhere", False)
     if everywhere and _global_rank() != 0:
+        time.sleep(RANK0_GRACE_S)  # rank 0 reports; exiting first would get it killed unheard
         return
     text = " ".join(str(error).split()) or type(error).__name__
     print(f"copd {command}: error: {text} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)

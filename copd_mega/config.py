@@ -354,7 +354,7 @@ _CHOICES = {
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg[int(part)] if isinstance(cfg, list) else getattr(cfg, part)
     return cfg
 
 
