@@ -20,7 +20,8 @@ TINY = [
     "model.max_seq_length=48", "data.n_train=64", "data.n_eval=4",
     "rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "grpo.group_size=2",
     "opd.prompts_per_peer=2", "opd.samples_per_prompt=1", "schedule.cycles=1",
-    "schedule.rl_steps=2", "schedule.opd_steps=1", "logging.progress=false",
+    "schedule.rl_steps=2", "schedule.opd_steps=1", "schedule.mode=expert",
+    "logging.progress=false",
 ]  # fmt: skip
 TWO = "branches=[{name: arith, data: arith}, {name: reverse, data: reverse}]"
 
@@ -134,7 +135,8 @@ def guard_case(rank: int, overrides: list[str]) -> dict:
     from copd_mega.parallel.topology import build_topology
     from copd_mega.step import optimizer_step, prepare_for_training, run_microbatches
 
-    cfg = load_config(None, ["model.vocab_size=100", "optim.lr=0.01", *overrides])
+    cfg = load_config(None, ["model.vocab_size=100", "model.tie_embeddings=false", "optim.lr=0.01",
+                             *overrides])  # fmt: skip
     init_distributed()
     topo = build_topology(cfg)
     bm = build_branch_model(cfg, topo)
