@@ -333,6 +333,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = to_dict(Config())
     for ov in overrides or []:
         apply_override(data, ov)
+    ck = data.get("checkpoint")
+    if isinstance(ck, dict) and isinstance(ck.get("resume"), bool):  # the older boolean form
+        ck["resume"] = "required" if ck["resume"] else "never"
     cfg = _to_dataclass(data, Config)
     validate(cfg)
     return cfg

@@ -3,10 +3,13 @@ subprocess (one process or torchrun), per-rank bodies for ``multiproc.spawn`` (i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -96,6 +99,23 @@ def copd_popen(*args: str, ranks: int) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
     )
+
+
+def copd_killed(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """``copd ARGS`` (one process) in its own session, for a job that gets killed: returns its
+    exit code and output once it ended, after killing what it left (megatron's save helpers)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "copd_mega.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+            text=True, env=_env(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        return code, out.read()
 
 
 def error_lines(stderr: str) -> list[str]:
