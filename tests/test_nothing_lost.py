@@ -101,6 +101,37 @@ def test_case2_finished_run_is_left_untouched(tmp_path):
         assert snapshot(run) == before
 
 
+def test_case2_start_modes(tmp_path):
+    """How a job starts, for each resume mode and what the run directory holds (files only)."""
+    from copd_mega.checkpoint import CheckpointError
+    from copd_mega.job import start_mode
+
+    def mode(resume: str, retrain: bool = False) -> str:
+        cfg = load_config(None, [f"run_dir={tmp_path}", f"checkpoint.resume={resume}"])
+        return start_mode(cfg, retrain)[0]
+
+    assert [mode(m) for m in ("never", "auto")] == ["fresh", "fresh"]
+    fake_step(tmp_path / "checkpoints", 3, complete=False, branches=("text",), world=1)
+    assert [mode(m) for m in ("never", "auto")] == ["fresh", "fresh"]  # only a killed save
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        mode("required")
+    fake_step(tmp_path / "checkpoints", 2, branches=("text",), world=1)
+    assert [mode(m) for m in ("required", "auto")] == ["resume", "resume"]
+    with pytest.raises(CheckpointError, match="--retrain"):
+        mode("never")  # would start over a complete checkpoint
+    assert mode("never", retrain=True) == "fresh"
+    torch_dist_dir(tmp_path / "final" / "model")
+    (tmp_path / "eval.json").write_text("{}")
+    assert [mode(m) for m in ("never", "required", "auto")] == ["finished"] * 3
+    assert mode("auto", retrain=True) == "fresh"
+
+
+def test_configs_saved_with_a_boolean_resume_still_load(tmp_path):
+    (tmp_path / "c.yaml").write_text("checkpoint: {resume: false}\n")
+    assert load_config(tmp_path / "c.yaml").checkpoint.resume == "never"
+    assert load_config(None, ["checkpoint.resume=true"]).checkpoint.resume == "required"
+
+
 def test_case2_metrics_cut_back_to_the_resumed_step(tmp_path):
     from copd_mega.metrics import MetricsLogger
 
