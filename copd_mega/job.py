@@ -164,31 +164,27 @@ def start_mode(cfg: Config, retrain: bool = False) -> tuple[str, str]:
         return "finished", (f"{run} holds a finished run (eval.json, final/model); nothing to do. "
                             "Pass --retrain to train it again")  # fmt: skip
     chosen, skipped = scan_steps(root)
-    why = "; ".join(f"{p.name}: {w}" for p, w in skipped[:3])
+    reasons = "; ".join(f"{p.name}: {w}" for p, w in skipped[:3])
     damaged = [p for p, _ in skipped if (p / "complete.json").is_file()]
     mode = cfg.checkpoint.resume
     if chosen is not None and mode != "never":
         return "resume", f"resuming from {chosen}"
     if chosen is not None:
-        raise everywhere(
-            CheckpointError(
-                f"{root} holds checkpoint {chosen.name}: continue it with --resume (or --resume=auto),"
-                " or pass --retrain to start over"
-            )
-        )
+        why = f"{root} holds checkpoint {chosen.name}: continue it with --resume (or --resume=auto)"
+        raise everywhere(CheckpointError(f"{why}, or pass --retrain to start over"))
     if mode == "required":
-        raise everywhere(CheckpointError(
-            f"--resume: no complete checkpoint under {root}" + (f" ({why})" if why else "")
-            + "; run without --resume to start fresh, or with --resume=auto"
-        ))  # fmt: skip
-    if damaged:
-        raise everywhere(
-            CheckpointError(
-                f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files "
-                f"({incomplete_reason(damaged[0])}); restore the missing files, or pass --retrain "
-                "to start over (damaged folders are kept)"
-            )
+        why = f"--resume: no complete checkpoint under {root}" + (
+            f" ({reasons})" if reasons else ""
         )
+        raise everywhere(
+            CheckpointError(f"{why}; start fresh without --resume or with --resume=auto")
+        )
+    if damaged:
+        why = f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files"
+        raise everywhere(CheckpointError(
+            f"{why} ({incomplete_reason(damaged[0])}); restore the missing files, or pass "
+            "--retrain to start over (damaged folders are kept)"
+        ))  # fmt: skip
     return "fresh", f"starting fresh: no checkpoint under {root}"
 
 
