@@ -37,7 +37,7 @@ def main() -> int:
     common = ["--config", args.config, f"run_dir={out}", *args.overrides]
     cli = [sys.executable, "-m", "copd_mega.cli"]
     t_pre = run([*cli, "pretrain", *common])
-    t_rl = run([*cli, "train", *common, f"checkpoint.init_from={out / 'base'}"])
+    t_rl = run([*cli, "train", "--retrain", *common, f"checkpoint.init_from={out / 'base'}"])
     table = json.loads((out / "eval.json").read_text())
     final = next(k for k in table if k.startswith("final"))
     print("\ncapability   base %   after GRPO %   gain (points)")

@@ -16,8 +16,12 @@ Layout of a resume root (``RUN/checkpoints``)::
     step_000120/complete.json     written after every rank finished
     latest                        "step_000120", written last (temp file + os.replace)
 
-A step is used only when ``complete.json`` and every branch's ``metadata.json`` exist; anything
+A step is used only when every file the loader reads is there (``incomplete_reason``); anything
 else is named in a warning and skipped, so a job killed mid-save resumes from the previous step.
+Retention deletes nothing until a newer step is complete, and never deletes a committed step
+that lacks files (a damaged copy whose weights may be intact). Nothing is overwritten in place: a
+step folder saved again is first renamed aside, a model directory is written as ``PATH.partial``
+and swapped in.
 Layer ``_extra_state`` objects (TransformerEngine FP8 metadata) are not saved: no FP8 is used.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -40,10 +45,10 @@ from copd_mega.rng_state import capture_rng, restore_rng
 from copd_mega.sharded_state import (
     CONFIG_FILE,
     CheckpointError,
+    everywhere,
     load_dir,
     load_module,
     model_sharded_state_dict,
-    raise_everywhere,
     restore_adam_step,
     save_dir,
     to_savable,
@@ -113,14 +118,31 @@ def save_model(
     path = Path(path)
     if topo.branch.name != branch:
         return path
-    if topo.rank == topo.branch.first_rank:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        _write_sidecars(path, cfg, tokenizer)
+    staged = path.with_name(path.name + ".partial")  # written beside, swapped in when complete
+    leader = topo.rank == topo.branch.first_rank
+    if leader:
+        if staged.exists():
+            shutil.rmtree(staged)  # a save that never finished
+        staged.mkdir(parents=True)
+        _write_sidecars(staged, cfg, tokenizer)
     comm.barrier(topo.branch_group)
-    save_dir(path, {"model": model_sharded_state_dict(model, topo)}, topo.branch_group)
+    save_dir(staged, {"model": model_sharded_state_dict(model, topo)}, topo.branch_group)
+    if leader:
+        swap_in(staged, path)
+    comm.barrier(topo.branch_group)
     return path
+
+
+def swap_in(staged: Path, path: Path) -> None:
+    """Replace folder ``path`` by the finished folder ``staged``: the old one is renamed aside
+    first and deleted only after the new one is in place."""
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staged, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -143,7 +165,9 @@ def load_model(path: str | Path, model: Any, topo, *, branch: str | None = None)
 # ----------------------------------------------------------------------------- step checkpoints
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and swap it in (a reader sees the old or the new file)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -158,16 +182,50 @@ def _steps(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def _num(step_dir: Path) -> int:
+    return int(step_dir.name[5:].split(".")[0])
+
+
+def _torch_dist_missing(path: Path) -> str | None:
+    """What a torch_dist load of ``path`` needs and lacks (``"<file> is missing"``), or None."""
+    for name in ("metadata.json", ".metadata", "common.pt", CONFIG_FILE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # a torn or foreign .metadata
+        return f".metadata is unreadable ({type(e).__name__})"
+    for info in (storage or {}).values():
+        if not (path / info.relative_path).is_file():
+            return f"{info.relative_path} is missing"
+    return None
+
+
 def incomplete_reason(step_dir: Path) -> str | None:
-    """Why ``step_dir`` cannot be resumed from, or None when it is complete."""
+    """Why ``step_dir`` cannot be resumed from, or None when every file the loader reads is
+    there: ``complete.json``; per branch megatron's ``metadata.json``, torch's ``.metadata``, the
+    ``.distcp`` files it names, ``common.pt`` and ``config.yaml``; one ``trainer_state`` file per
+    saved rank and its ``config.yaml``."""
     marker = step_dir / COMPLETE_FILE
     if not marker.is_file():
         return f"no {COMPLETE_FILE} (the save did not finish)"
-    for name in json.loads(marker.read_text())["branches"]:
-        if not (step_dir / branch_dir_name(name) / "metadata.json").is_file():
-            return f"{branch_dir_name(name)}/metadata.json is missing"
-    if not (step_dir / TRAINER_DIR).is_dir():
-        return f"{TRAINER_DIR}/ is missing"
+    try:
+        info = json.loads(marker.read_text())
+        names, world = info["branches"], int(info.get("world_size", 0))
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE_FILE} is unreadable"
+    for name in names:
+        missing = _torch_dist_missing(step_dir / branch_dir_name(name))
+        if missing:
+            return f"{branch_dir_name(name)}/{missing}"
+    trainer = step_dir / TRAINER_DIR
+    if not (trainer / CONFIG_FILE).is_file():
+        return f"{TRAINER_DIR}/{CONFIG_FILE} is missing"
+    for rank in range(world):
+        if not (trainer / f"rank_{rank:05d}.pt").is_file():
+            return f"{TRAINER_DIR}/rank_{rank:05d}.pt is missing"
     return None
 
 
@@ -177,52 +235,57 @@ def read_latest(root: str | Path) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
-def find_resume_step(root: str | Path) -> Path | None:
-    """The step to resume from: ``latest`` if complete, else the newest complete step.
-
-    Every skipped directory is named in a warning. Pure filesystem reads (no collectives).
-    """
+def scan_steps(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(step to resume from, [(skipped step, why)])``: ``latest`` if complete, else the newest
+    complete step not newer than ``latest``. Pure filesystem reads (no collectives)."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return None, []
     latest = read_latest(root)
-    steps = _steps(root)
+    skipped: list[tuple[Path, str]] = []
     if latest is not None and not (root / latest).is_dir():
-        warnings.warn(f"{root / LATEST_FILE} names {latest}, which does not exist", stacklevel=2)
+        skipped.append((root / LATEST_FILE, f"names {latest}, which does not exist"))
         latest = None
-    for step_dir in reversed(steps):
-        if latest is not None and int(step_dir.name[5:]) > int(latest[5:]):
-            warnings.warn(
-                f"skipping checkpoint {step_dir}: newer than {root / LATEST_FILE} ({latest}), "
-                "a save that never committed",
-                stacklevel=2,
-            )
+    for step_dir in reversed(_steps(root)):
+        if latest is not None and _num(step_dir) > int(latest[5:]):
+            skipped.append((step_dir, f"newer than {LATEST_FILE} ({latest}): never committed"))
             continue
         reason = incomplete_reason(step_dir)
         if reason is None:
-            return step_dir
-        warnings.warn(f"skipping incomplete checkpoint {step_dir}: {reason}", stacklevel=2)
-    return None
+            return step_dir, skipped
+        skipped.append((step_dir, reason))
+    return None, skipped
+
+
+def find_resume_step(root: str | Path) -> Path | None:
+    """The step to resume from (see :func:`scan_steps`); every skipped folder is warned about."""
+    chosen, skipped = scan_steps(root)
+    for path, why in skipped:
+        warnings.warn(f"skipping checkpoint {path}: {why}", stacklevel=2)
+    return chosen
+
+
+def _set_aside(step_dir: Path) -> Path:
+    """Rename ``step_dir`` to ``<name>.replaced-<k>`` (deleted by retention once a complete step
+    at least as new exists)."""
+    k = 0
+    while (aside := step_dir.with_name(f"{step_dir.name}.replaced-{k}")).exists():
+        k += 1
+    os.replace(step_dir, aside)
+    return aside
 
 
 def _prepare_step_dir(root: Path, step_dir: Path, names: list[str]) -> None:
-    """Rank 0 clears a leftover folder of the same step and creates the layout. Collective."""
-    error = None
+    """Rank 0 sets a folder of the same step aside (never deletes it) and creates the layout."""
     if dist.get_rank() == 0:
-        is_latest = read_latest(root) == step_dir.name
-        if step_dir.exists() and is_latest and incomplete_reason(step_dir) is None:
-            error = (
-                f"{step_dir} is the latest complete checkpoint and would be overwritten; resume "
-                "from it (load_latest) or point the run at another directory"
-            )
-        elif step_dir.exists():
-            warnings.warn(f"replacing leftover {step_dir}", stacklevel=3)
-            shutil.rmtree(step_dir)
-        if error is None:
-            for name in names:
-                (step_dir / branch_dir_name(name)).mkdir(parents=True)
-            (step_dir / TRAINER_DIR).mkdir()
-    raise_everywhere(error)
+        if step_dir.exists():
+            aside = _set_aside(step_dir)
+            warnings.warn(f"{step_dir} existed: kept as {aside} until this save completes",
+                          stacklevel=3)  # fmt: skip
+        for name in names:
+            (step_dir / branch_dir_name(name)).mkdir(parents=True)
+        (step_dir / TRAINER_DIR).mkdir()
+    comm.barrier()
 
 
 def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state: dict) -> Path:
@@ -231,7 +294,8 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     Collective over the whole world; each branch writes its directory over its own group, all
     branches at once. ``trainer_state`` (schedule, data cursor, step, ...) is
     torch-saved per global rank with :func:`capture_rng`. ``latest`` moves only after every rank
-    finished; then complete steps beyond ``cfg.checkpoint.keep_last`` are deleted.
+    finished; then :func:`_apply_retention` removes what the new step makes redundant.
+    ``cfg.debug.crash_in_save_at_step`` kills every rank after the weights are written (tests).
     """
     rng = capture_rng()
     root = Path(root)
@@ -240,6 +304,8 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     _prepare_step_dir(root, step_dir, names)
     state = to_savable(train_sharded_state_dict(bm, topo, loading=False), topo)
     save_dir(step_dir / branch_dir_name(topo.branch.name), state, topo.branch_group)
+    if cfg.debug.crash_in_save_at_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a kill during the save
     rank = dist.get_rank()
     record = {"step": step, "branch": topo.branch.name, "rank": rank, "rng": rng}
     rank_file = step_dir / TRAINER_DIR / f"rank_{rank:05d}.pt"
@@ -254,26 +320,41 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
         lay = topo.layout
         info = {"step": step, "branches": names, "world_size": dist.get_world_size()}
         info["tp_pp_dp"] = [lay.tp, lay.pp, lay.dp]
-        _atomic_write(step_dir / COMPLETE_FILE, json.dumps({**info, "time": time.time()}))
-        _atomic_write(root / LATEST_FILE, step_dir.name + "\n")
+        write_text_atomic(step_dir / COMPLETE_FILE, json.dumps({**info, "time": time.time()}))
+        write_text_atomic(root / LATEST_FILE, step_dir.name + "\n")
         _apply_retention(root, step_dir, cfg.checkpoint.keep_last)
     comm.barrier()
     return step_dir
 
 
-def _apply_retention(root: Path, newest: Path, keep_last: int) -> None:
-    """Delete complete steps up to ``newest`` beyond the last ``keep_last``, and every incomplete
-    step (leftovers of killed saves; this job is the only writer)."""
-    if keep_last <= 0:
-        return
-    steps = _steps(root)
-    complete = [s for s in steps if incomplete_reason(s) is None]
-    upto = [s for s in complete if int(s.name[5:]) <= int(newest.name[5:])]
-    keep = set(upto[-keep_last:]) | {s for s in complete if s not in upto}
-    for s in steps:
-        if s not in keep:
-            (s / COMPLETE_FILE).unlink(missing_ok=True)  # a half-deleted step reads incomplete
-            shutil.rmtree(s, ignore_errors=True)
+def _apply_retention(root: Path, newest: Path, keep_last: int) -> list[Path]:
+    """After ``newest`` was committed: delete complete steps older than it beyond the last
+    ``keep_last`` (0 keeps all), folders of killed saves older than it, and set-aside copies of
+    steps up to it. Returns what was deleted.
+
+    Never deletes ``newest``, anything newer than it, or an older step that was committed but
+    lacks files (a damaged copy whose weights may be intact: named in a warning instead), and
+    deletes nothing at all unless ``newest`` itself is complete.
+    """
+    reason = incomplete_reason(newest)
+    if reason is not None:
+        warnings.warn(f"retention skipped: {newest} is not complete ({reason})", stacklevel=2)
+        return []
+    n = _num(newest)
+    older = [s for s in _steps(root) if _num(s) < n]
+    complete = [s for s in older if incomplete_reason(s) is None]
+    doomed = complete[: max(len(complete) - (keep_last - 1), 0)] if keep_last > 0 else []
+    for s in older:
+        if not (s / COMPLETE_FILE).is_file():
+            doomed.append(s)  # a save killed before it committed; a newer complete one exists
+        elif s not in complete:
+            warnings.warn(f"keeping damaged checkpoint {s} ({incomplete_reason(s)}): repair or "
+                          "remove it by hand", stacklevel=2)  # fmt: skip
+    doomed += [p for p in root.glob("step_*.replaced-*") if p.is_dir() and _num(p) <= n]
+    for s in doomed:
+        (s / COMPLETE_FILE).unlink(missing_ok=True)  # a half-deleted step reads incomplete
+        shutil.rmtree(s, ignore_errors=True)
+    return doomed
 
 
 @torch.no_grad()
@@ -290,15 +371,19 @@ def load_latest(root: str | Path, bm, topo, *, restore_rng_state: bool = True) -
     names = [b.name for b in topo.layout.branches]
     saved = json.loads((step_dir / COMPLETE_FILE).read_text())
     if saved["branches"] != names:
-        raise CheckpointError(
-            f"{step_dir} holds branches {saved['branches']} but this run has {names}; resume with "
-            "the same branches, or start fresh from a merged model via checkpoint.init_from"
+        raise everywhere(
+            CheckpointError(
+                f"{step_dir} holds branches {saved['branches']} but this run has {names}; resume with "
+                "the same branches, or start fresh from a merged model via checkpoint.init_from"
+            )
         )
     split = [topo.layout.tp, topo.layout.pp, topo.layout.dp]
     if saved.get("tp_pp_dp", split) != split:
-        raise CheckpointError(
-            f"{step_dir} was saved at TP/PP/DP {saved['tp_pp_dp']}, this run is {split}; resume "
-            "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
+        raise everywhere(
+            CheckpointError(
+                f"{step_dir} was saved at TP/PP/DP {saved['tp_pp_dp']}, this run is {split}; resume "
+                "with the same parallel.tp/pp/dp, or start from a model checkpoint (init_from)"
+            )
         )
     rank_file = step_dir / TRAINER_DIR / f"rank_{dist.get_rank():05d}.pt"
     path = step_dir / branch_dir_name(topo.branch.name)

@@ -2,12 +2,22 @@
 
 Every subcommand module exposes ``main(argv: list[str]) -> int``; this file only dispatches, so
 importing it is cheap and ``copd --help`` lists everything.
+
+Errors: a domain error (a bad config, data, checkpoint or Hugging Face input) ends any command
+with one line, ``copd <command>: error: <what and how to fix it>``, and exit code 1. In a
+multi-rank job the line is printed once: by global rank 0 for errors every rank raises alike
+(config, resume decisions, collective checkpoint checks), else by the rank that failed.
+``--debug`` anywhere on the command line shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import time
+
+DEBUG_FLAG = "--debug"
+RANK0_GRACE_S = 5.0
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
@@ -27,13 +37,45 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: copd <command> [args]", "", "commands:"]
+    lines = ["usage: copd [--debug] <command> [args]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
+def domain_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (reported in one line), imported only when one is raised."""
+    from copd_mega.config import ConfigError
+    from copd_mega.data.reader import DataError
+    from copd_mega.hf.families import UnsupportedHFModel
+    from copd_mega.sharded_state import CheckpointError
+
+    return (ConfigError, CheckpointError, DataError, UnsupportedHFModel)
+
+
+def _global_rank() -> int:
+    """This process's global rank (0 outside a distributed job)."""
+    from copd_mega.parallel.dist import read_launch_env
+
+    return read_launch_env().rank
+
+
+def report(command: str, error: BaseException) -> None:
+    """Print ``error`` as one line on stderr, once per job (see the module docstring)."""
+    from copd_mega.config import ConfigError
+
+    everywhere = isinstance(error, ConfigError) or getattr(error, "everywhere", False)
+    if everywhere and _global_rank() != 0:
+        time.sleep(RANK0_GRACE_S)  # rank 0 reports; exiting first would get it killed unheard
+        return
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"copd {command}: error: {text} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -41,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"copd: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except Exception as e:
+        if debug or not isinstance(e, domain_errors()):
+            raise
+        report(name, e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Checks that need the world size (branches x TP x PP x DP) live in ``parallel.top
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class VisionConfig:
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     frames_per_video: int = 4  # frames sampled uniformly from a video; each becomes one image
+    image_token_index: int = (
+        -1
+    )  # HF LLaVA's image token id, kept on import (-1: tokenizer's <image>)
 
 
 @dataclass
@@ -190,7 +194,25 @@ class CheckpointConfig:
     # HF model directory to start every branch from: converted once to RUN/hf_init, its
     # config.json fills model.*, its tokenizer and chat template are the run's.
     init_from_hf: str = ""
-    resume: bool = False  # continue from RUN/checkpoints/latest (also `copd train --resume`)
+    # never | required (`copd train --resume`: error without a checkpoint) | auto (`--resume=auto`:
+    # continue from the newest complete step if there is one, else start fresh)
+    resume: str = "never"
+
+
+@dataclass
+class RewardsConfig:
+    """Verifiable-reward scoring: worker processes with a hard deadline per item."""
+
+    workers: int = 2  # scored at once per scorer rank: H hanging items cost ~H/workers timeouts
+    timeout_s: float = 5.0  # per item; an answer still being verified then scores 0 (a timeout)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for end-to-end tests of the recovery paths (off: -1)."""
+
+    nan_loss_at_step: int = -1  # the loss of this global step is NaN on every rank (step skipped)
+    crash_in_save_at_step: int = -1  # every rank is SIGKILLed inside the save of this step
 
 
 @dataclass
@@ -220,6 +242,8 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
     def branch_names(self) -> list[str]:
@@ -335,6 +359,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(data, ov)
         key = ov.split("=", 1)[0].strip()
         given |= {key.split(".")[1]} if key.startswith("model.") else set()
+    ck = data.get("checkpoint")
+    if isinstance(ck, dict) and isinstance(ck.get("resume"), bool):  # the older boolean form
+        ck["resume"] = "required" if ck["resume"] else "never"
     cfg = _to_dataclass(data, Config)
     if cfg.checkpoint.init_from_hf:  # model.* from the HF config.json (mismatches are errors)
         from copd_mega.hf.config_from_hf import apply_hf_model_config
@@ -355,17 +382,64 @@ _CHOICES = {
     "schedule.mode": ("copd", "expert", "mixed", "static_opd", "mopd"),
     "merge.optimizer_state": ("average", "reset", "keep"),
     "logging.wandb": ("disabled", "offline", "online"),
+    "checkpoint.resume": ("never", "required", "auto"),
 }
 
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg[int(part)] if isinstance(cfg, list) else getattr(cfg, part)
     return cfg
+
+
+def _non_finite(node: Any, path: str = "") -> str | None:
+    """Dotted path of the first NaN/inf float anywhere in the config, or None."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            found = _non_finite(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found = _non_finite(item, f"{path}.{i}")
+            if found:
+                return found
+    elif isinstance(node, float) and not math.isfinite(node):
+        return path
+    return None
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """No NaN/inf anywhere; optimizer, clipping, OPD and reward settings in range."""
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{bad}={_get(cfg, bad)} is not a finite number; set a finite value")
+    o = cfg.optim
+    checks = [
+        ("optim.lr", o.lr > 0, "must be > 0"),
+        ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+        ("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "must be in [0, 1)"),
+        ("optim.adam_beta2", 0 <= o.adam_beta2 < 1, "must be in [0, 1)"),
+        ("optim.adam_eps", o.adam_eps > 0, "must be > 0 (0 makes Adam's update 0/0 = NaN)"),
+        ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = no clipping)"),
+        ("grpo.kl_coef", cfg.grpo.kl_coef >= 0, "must be >= 0"),
+        ("grpo.adv_eps", cfg.grpo.adv_eps > 0, "must be > 0"),
+        ("pretrain.lr", cfg.pretrain.lr > 0, "must be > 0"),
+        ("rewards.workers", cfg.rewards.workers >= 1, "must be >= 1"),
+        ("rewards.timeout_s", cfg.rewards.timeout_s > 0, "must be > 0"),
+        ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 0, "must be >= 0 (0 = keep all)"),
+    ]
+    checks += [(f"branches.{i}.beta", b.beta >= 0, "must be >= 0")
+               for i, b in enumerate(cfg.branches)]  # fmt: skip
+    for dotted, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)} {rule}")
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no world size. Raises ConfigError naming the setting."""
+    _validate_numbers(cfg)
     for dotted, allowed in _CHOICES.items():
         if _get(cfg, dotted) not in allowed:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)!r}: use one of {', '.join(allowed)}")

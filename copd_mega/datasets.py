@@ -61,6 +61,8 @@ def prepare_data(cfg: Config) -> Path:
     root = data_root(cfg)
     tok_path = root / "tokenizer.json"
     needed = sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
+    if not cfg.data.dir:
+        _check_builtin(cfg, root)
     leader = not dist.is_initialized() or dist.get_rank() == 0
     if cfg.checkpoint.init_from_hf:
         _convert_hf_once(cfg, leader)
@@ -69,7 +71,7 @@ def prepare_data(cfg: Config) -> Path:
 
         root.mkdir(parents=True, exist_ok=True)
         for cap in needed:
-            if not sorted((root / cap).glob("train-*.tar")):
+            if not sorted(_cap_dir(cfg, cap).glob("train-*.tar")):
                 argv = ["synth", "--capability", cap, "--out", str(root), "--seed",
                         str(cfg.data.seed), "--n-train", str(cfg.data.n_train),
                         "--n-eval", str(cfg.data.n_eval)]  # fmt: skip
@@ -104,13 +106,27 @@ def _convert_hf_once(cfg: Config, leader: bool) -> None:
         except Exception as e:  # every rank must leave the gather below, not only this one
             error, failure = f"converting checkpoint.init_from_hf failed: {e}", e
     if dist.is_initialized():
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
+        error = next((e for e in comm.all_gather_object(error) if e), None)
     if failure is not None:
         raise failure
     if error:
         raise ConfigError(error)
+
+
+def _check_builtin(cfg: Config, root: Path) -> None:
+    """Every data name of every branch is a built-in capability or holds shards already
+    (checked on every rank before rank 0 synthesises anything); the error names the setting."""
+    from copd_mega.data.synthetic import CAPABILITIES
+
+    for i, b in enumerate(cfg.branches):
+        for cap in capabilities_of(b.data) or [""]:
+            if cap in CAPABILITIES or sorted(_cap_dir(cfg, cap).glob("train-*.tar")):
+                continue
+            raise ConfigError(
+                f"branches.{i}.data={b.data!r}: {cap!r} is neither a built-in capability "
+                f"({', '.join(CAPABILITIES)}) nor a folder with train-*.tar shards under {root}; "
+                f"fix branches.{i}.data or set data.dir to the folder that holds it"
+            )
 
 
 def make_reader(

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     else:
         model = build_gpt(cfg, rt.topo)
     sampler = make_sampler(model, rt.topo, cfg, rt.codec)
-    judge = Judge(rt.topo, rt.device)
+    judge = Judge.from_config(rt.topo, rt.device, cfg.rewards)
     rows = {}
     for ckpt in args.ckpt:
         load_model(ckpt, model, rt.topo)

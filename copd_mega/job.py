@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from copd_mega.checkpoint import load_latest, load_model, save_model
+from copd_mega.checkpoint import (
+    CheckpointError,
+    everywhere,
+    incomplete_reason,
+    load_latest,
+    load_model,
+    require_model_dir,
+    save_model,
+    scan_steps,
+    write_text_atomic,
+)
 from copd_mega.config import Config, ConfigError, to_dict
 from copd_mega.data.reader import ShardReader
 from copd_mega.datasets import ChatCodec, capabilities_of, make_reader
@@ -129,7 +139,7 @@ def build_job(cfg: Config) -> BranchJob:
         for s, t in edges if s == me
     }  # fmt: skip
     job = BranchJob(
-        rt=rt, bm=bm, sampler=make_sampler(bm.model, topo, cfg, rt.codec), judge=Judge(topo, rt.device),
+        rt=rt, bm=bm, sampler=make_sampler(bm.model, topo, cfg, rt.codec), judge=Judge.from_config(topo, rt.device, cfg.rewards),
         native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges, ref=ref,
         logger=MetricsLogger(
             cfg.run_dir, me, topo.is_branch_leader, len(plan), cfg.logging.wandb,
@@ -139,16 +149,68 @@ def build_job(cfg: Config) -> BranchJob:
     return job
 
 
+def finished(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run: ``eval.json`` and a complete ``final/model``."""
+    run = Path(run_dir)
+    try:
+        require_model_dir(run / "final" / "model")
+    except CheckpointError:
+        return False
+    return (run / "eval.json").is_file()
+
+
+def start_mode(cfg: Config, retrain: bool = False) -> tuple[str, str]:
+    """How this job starts, from the files alone (same answer on every rank, no collectives):
+    ``("finished" | "resume" | "fresh", one-line message)``.
+
+    ``checkpoint.resume``: ``required`` errors without a complete checkpoint; ``auto`` resumes
+    the newest complete one or starts fresh when there is none; ``never`` refuses to start over
+    checkpoints it would overwrite. A finished run is left untouched unless ``retrain``; a
+    committed checkpoint that lacks files is never silently started over (errors say why).
+    """
+    run, root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    if retrain:
+        return "fresh", f"starting fresh in {run} (--retrain)"
+    if finished(run):
+        return "finished", (f"{run} holds a finished run (eval.json, final/model); nothing to do. "
+                            "Pass --retrain to train it again")  # fmt: skip
+    chosen, skipped = scan_steps(root)
+    reasons = "; ".join(f"{p.name}: {w}" for p, w in skipped[:3])
+    damaged = [p for p, _ in skipped if (p / "complete.json").is_file()]
+    mode = cfg.checkpoint.resume
+    if chosen is not None and mode != "never":
+        return "resume", f"resuming from {chosen}"
+    if chosen is not None:
+        why = f"{root} holds checkpoint {chosen.name}: continue it with --resume (or --resume=auto)"
+        raise everywhere(CheckpointError(f"{why}, or pass --retrain to start over"))
+    if mode == "required":
+        why = f"--resume: no complete checkpoint under {root}" + (
+            f" ({reasons})" if reasons else ""
+        )
+        raise everywhere(
+            CheckpointError(f"{why}; start fresh without --resume or with --resume=auto")
+        )
+    if damaged:
+        why = f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files"
+        raise everywhere(CheckpointError(
+            f"{why} ({incomplete_reason(damaged[0])}); restore the missing files, or pass "
+            "--retrain to start over (damaged folders are kept)"
+        ))  # fmt: skip
+    return "fresh", f"starting fresh: no checkpoint under {root}"
+
+
 def resume(job: BranchJob) -> bool:
-    """Restore models, optimizers, RNG, schedule and data cursors from ``latest``, if any."""
+    """Restore models, optimizers, RNG, schedule and data cursors from the newest complete step,
+    if any, and cut the metrics JSONL back to the step the job resumes at."""
     saved = load_latest(Path(job.cfg.run_dir) / "checkpoints", job.bm, job.rt.topo)
     if saved is None:
+        job.logger.cut_back(0)
         return False
     job.state.load_state_dict(saved["schedule"])
     job.native.load_state_dict(saved["native"])
     for t, reader in job.peers.items():
         reader.load_state_dict(saved["peers"][t])
-    job.rt.log(f"resumed at step {job.state.next_step}")
+    job.logger.cut_back(job.state.next_step)
     return True
 
 
@@ -202,7 +264,7 @@ def write_eval(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
         return
     caps = eval_caps(job.cfg)
     print("\nheld-out greedy accuracy (%)\n" + format_table(table, caps), flush=True)
-    (Path(job.cfg.run_dir) / "eval.json").write_text(json.dumps(table, indent=2))
+    write_text_atomic(Path(job.cfg.run_dir) / "eval.json", json.dumps(table, indent=2))
 
 
 def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:

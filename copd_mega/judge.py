@@ -2,8 +2,9 @@
 
 Every TP (and PP) rank of a DP replica holds the same rollouts, but a verification that times
 out on one rank and not another would desynchronise the replica. So only rank 0 of the replica's
-model-parallel group runs the :class:`~copd_mega.rewards.RewardPool` (worker processes with a
-hard deadline) and broadcasts the rewards.
+model-parallel group runs the :class:`~copd_mega.rewards.RewardPool` (``rewards.workers`` worker
+processes with a hard deadline of ``rewards.timeout_s`` per item, hanging items scored in
+parallel) and broadcasts the rewards.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from copd_mega.config import RewardsConfig
 from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 from copd_mega.rewards import RewardPool
@@ -33,6 +35,11 @@ class Judge:
         self.pool = (
             RewardPool(num_workers=num_workers, timeout_s=timeout_s) if self.is_scorer else None
         )
+
+    @classmethod
+    def from_config(cls, topo: Topology, device: torch.device, rewards: RewardsConfig) -> Judge:
+        """A judge with ``rewards.workers`` worker processes and ``rewards.timeout_s`` per item."""
+        return cls(topo, device, rewards.workers, rewards.timeout_s)
 
     def score(self, items: list[tuple[str, str, str]]) -> tuple[torch.Tensor, dict[str, int]]:
         """Rewards ``[len(items)]`` float32 and this call's status counts, on every replica rank."""

@@ -2,7 +2,8 @@
 
 Each branch leader owns ``RUN/metrics/<branch>.jsonl``: one JSON object per step with the
 schedule position, the branch's scalars and, for OPD steps, ``edge/<student><-<teacher>/...``
-scalars. Files are appended and flushed per step, so a killed job keeps every finished step.
+scalars. Files are appended and flushed per step, so a killed job keeps every finished step;
+a resumed job first cuts its file back to the step it resumes at (``cut_back``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,25 @@ class MetricsLogger:
         self._file = path.open("a")
         if wandb_mode != "disabled":
             self._wandb = _start_wandb(run_dir, branch, wandb_mode, wandb_project, config)
+
+    def cut_back(self, next_step: int) -> None:
+        """Drop the rows of steps >= ``next_step`` (a resumed job re-runs them; a fresh start,
+        ``next_step=0``, empties the file). Rewritten beside and swapped in."""
+        if not self.active:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < next_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line of a killed job
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self._file = path.open("a")
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Write one step's record (``step`` is 0-based global) and update the progress line."""

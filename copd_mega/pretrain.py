@@ -102,7 +102,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
         end_wd=pcfg.optim.weight_decay, wd_incr_steps=p.steps, wd_incr_style="constant",
     )  # fmt: skip
     sampler = make_sampler(bm.model, topo, pcfg, rt.codec)
-    judge = Judge(topo, rt.device)
+    judge = Judge.from_config(topo, rt.device, cfg.rewards)
     reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
     per_rank = max(p.batch_size // topo.layout.dp, 1)
     loss_fn, t0 = nll_loss_fn(rt), time.monotonic()

@@ -5,7 +5,9 @@ deadline of its own and uses no signals (math-verify's ``signal.alarm`` timeouts
 off, so it is also safe off the main thread). Deadlines are ``RewardPool``'s job: it runs
 ``score_one`` in worker *processes*, and a worker that overruns ``timeout_s`` on an item (math-
 verify can spend minutes on e.g. ``9^{9^{9^{9^{9}}}}``) or dies is killed and replaced; the item
-scores 0 and is counted as ``timeout`` or ``error``.
+scores 0 and is counted as ``timeout`` or ``error``. Items run on every worker at once, so a batch
+of H hanging items costs about ceil(H / workers) timeouts (``rewards.workers``,
+``rewards.timeout_s``).
 
 Answer extraction precedence (``extract_answer``), for responses and golds alike, on the text
 after a reasoning block (``<think>...</think>``; an unclosed ``<think>`` leaves no answer):
@@ -197,7 +199,9 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 def _worker_main(conn: Connection, parent_pid: int) -> None:
     """Worker loop: receive ``(index, response, gold, type)``, send ``(index, score, status)``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool owner decides when workers stop
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        # The pool owner decides when workers stop (a preempted trainer still finishes its step)
+        signal.signal(sig, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     _exit_when_orphaned(parent_pid)
     score_one("\\boxed{1}", "1", "math")  # warm math-verify's lazy imports before the clock runs

@@ -27,12 +27,18 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or mismatched checkpoint; the message names the path and the fix."""
 
 
+def everywhere(error: Exception) -> Exception:
+    """Mark ``error`` as raised alike on every rank (``copd`` then prints it on rank 0 only)."""
+    error.everywhere = True
+    return error
+
+
 def raise_everywhere(error: str | None, group: dist.ProcessGroup | None = None) -> None:
     """Collective over ``group`` (default: the world): raise CheckpointError on every rank if any
     rank found ``error`` (instead of leaving the others waiting in the next collective)."""
     first = next((e for e in comm.all_gather_object(error, group) if e), None)
     if first:
-        raise CheckpointError(first)
+        raise everywhere(CheckpointError(first))
 
 
 def _gpt(model: Any) -> torch.nn.Module:

@@ -13,6 +13,7 @@ the gradient by the global ``num_units`` summed over microbatches and the branch
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from copd_mega.model import BranchModel
 from copd_mega.multimodal import text_logits
+from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -100,20 +102,84 @@ def run_microbatches(
 
 
 def optimizer_step(bm: BranchModel, loss_is_finite: bool = True) -> dict:
-    """Apply the accumulated gradients unless the loss or the grad norm is non-finite.
+    """Apply the accumulated gradients unless the loss or the grad norm is non-finite, and keep
+    the update only if every weight it produced is finite on every rank of the branch.
 
-    Returns ``{"grad_norm": float, "skipped": 0.|1.}``. A skipped step leaves weights unchanged
-    and is reported in the metrics (never applied). Gradients are zeroed either way.
+    Returns ``{"grad_norm": float, "skipped": 0.|1., "restored": 0.|1.}``. A skipped step leaves
+    weights and optimizer state unchanged and is reported in the metrics. An update that made a
+    weight non-finite (e.g. Adam's 0/0 with ``adam_eps=0``) is undone: this rank's optimizer
+    shard (fp32 main weights, moments, step) is restored from a copy taken before the step and
+    the model weights are re-gathered from it; the copy costs one optimizer state of memory
+    during the step. Gradients are zeroed either way. Collective over the branch.
     """
     opt = bm.optimizer
     found_inf = opt.prepare_grads()
     norm = float(opt.get_grad_norm())
     ok = loss_is_finite and not found_inf and math.isfinite(norm)
+    restored = False
     if ok:
+        before = _snapshot(opt)
         applied, _, _ = opt.step()
         ok = bool(applied)
+        if ok and not _weights_finite(opt):
+            _restore(bm, before)
+            ok, restored = False, True
+            if dist.get_rank(opt.get_grad_stats_parallel_group()) == 0:
+                warnings.warn(
+                    f"rank {dist.get_rank()}: the optimizer step made weights non-finite (grad "
+                    f"norm {norm:.4g}); restored the previous weights and optimizer state, step "
+                    "skipped",
+                    stacklevel=2,
+                )
     zero_grads(bm)
-    return {"grad_norm": norm, "skipped": 0.0 if ok else 1.0}
+    return {"grad_norm": norm, "skipped": 0.0 if ok else 1.0, "restored": float(restored)}
+
+
+def _inner(opt) -> list:
+    """The torch optimizers under a (chained) megatron optimizer; each owns this rank's shard."""
+    return [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+
+
+def _snapshot(opt) -> list[dict]:
+    """Copies of this rank's main weights and per-parameter optimizer state tensors."""
+    out = []
+    for inner in _inner(opt):
+        params = [p for g in inner.param_groups for p in g["params"]]
+        state = {i: {k: v.clone() for k, v in inner.state.get(p, {}).items() if torch.is_tensor(v)}
+                 for i, p in enumerate(params)}  # fmt: skip
+        out.append({"params": [p.detach().clone() for p in params], "state": state})
+    return out
+
+
+@torch.no_grad()
+def _restore(bm: BranchModel, snapshot: list[dict]) -> None:
+    """Put ``snapshot`` back and rebuild the model weights from it (param all-gather over DP)."""
+    opt = bm.optimizer
+    for inner, snap in zip(_inner(opt), snapshot, strict=True):
+        params = [p for g in inner.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            p.copy_(snap["params"][i])
+            for k, v in snap["state"][i].items():
+                inner.state[p][k].copy_(v)
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        o._copy_main_params_to_model_params()
+    for chunk in getattr(opt, "model_chunks", None) or [bm.model]:
+        chunk.start_param_sync(force_sync=True)
+
+
+def _weights_finite(opt) -> bool:
+    """True when every main weight is finite on every rank of the optimizer's group (the branch):
+    one MIN all-reduce of a flag on the weights' device."""
+    params = [p for inner in _inner(opt) for g in inner.param_groups for p in g["params"]]
+    group = opt.get_grad_stats_parallel_group()
+    device = (
+        params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    flag = torch.ones(1, device=device)
+    for p in params:
+        flag = torch.minimum(flag, torch.isfinite(p).all().to(flag.dtype).reshape(1))
+    comm.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item() > 0)
 
 
 def zero_grads(bm: BranchModel) -> None:
@@ -129,5 +195,5 @@ def all_finite(values: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
     """
     flag = torch.isfinite(values.detach()).all().to(torch.float32).reshape(1)
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        comm.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item() > 0)

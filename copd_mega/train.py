@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.batches import Rows, concat_rows, grpo_rows, microbatches, opd_rows
-from copd_mega.checkpoint import save_step
-from copd_mega.config import Config, ConfigError, load_config
+from copd_mega.checkpoint import CheckpointError, save_step, write_text_atomic
+from copd_mega.config import Config, load_config
 from copd_mega.job import (
     BranchJob,
     build_job,
@@ -29,6 +28,7 @@ from copd_mega.job import (
     evaluate_shared_model,
     resume,
     save_final,
+    start_mode,
     trainer_state,
     write_eval,
 )  # fmt: skip
@@ -37,8 +37,10 @@ from copd_mega.model import branch_seed
 from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.parallel import comm
+from copd_mega.parallel.dist import read_launch_env
 from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
 from copd_mega.parallel.merge import merge_in_place
+from copd_mega.preemption import Preemption
 from copd_mega.rollout import Rollouts, SamplingParams
 from copd_mega.runtime import shutdown
 from copd_mega.schedule import StepPlan, remaining_steps
@@ -46,45 +48,87 @@ from copd_mega.scoring import score_sequences
 from copd_mega.step import all_finite, optimizer_step, run_microbatches
 
 
-def train(cfg: Config) -> dict[str, dict[str, float]]:
-    """Run the configured job to the end; returns the evaluation table (on global rank 0)."""
-    job = build_job(cfg)
-    table: dict[str, dict[str, float]] = {}
-    base_file = Path(cfg.run_dir) / "eval_base.json"
-    if cfg.checkpoint.resume and resume(job):
-        if base_file.exists():  # the base row of the table survives a resume
-            table.update(json.loads(base_file.read_text()))
-    else:
-        table.update(evaluate_shared_model(job, "base"))
-        if dist.get_rank() == 0:
-            base_file.write_text(json.dumps(table, indent=2))
-    loss_fn = make_loss_fn(cfg, job.rt.topo, job.edges)
-    stop = cfg.schedule.stop_after
-    for done, plan in enumerate(remaining_steps(job.plan, job.state), start=1):
-        job.timings = {}
-        t0 = time.perf_counter()
-        record = cycle_step(job, plan, loss_fn)
-        job.state.advance()
-        if plan.end_of_cycle and cfg.schedule.merge_every_cycle and len(cfg.branches) > 1:
-            with job.timed("merge"):
-                merge_branches(job)
-        every = cfg.checkpoint.every
-        stopping = stop and done >= stop and job.state.next_step < len(job.plan)
-        if (every and job.state.next_step % every == 0) or stopping:
-            with job.timed("checkpoint"):
-                save_step(Path(cfg.run_dir) / "checkpoints", plan.step, job.bm, job.rt.topo,
-                          cfg, trainer_state(job))  # fmt: skip
-        record.update(job.timings, **{"time/step": time.perf_counter() - t0})
-        record["tokens_per_s"] = record.get("train_tokens", 0.0) / record["time/step"]
-        job.logger.log(plan.step, record)
-        if stopping:
-            job.rt.log(f"stopping after {done} steps (schedule.stop_after); resume with --resume")
-            break
-    else:
-        finish(job, table)
+def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
+    """Run the configured job to the end, or until preempted; returns the evaluation table (on
+    global rank 0). How it starts (resume / fresh / already finished) is ``job.start_mode``."""
+    mode, message = start_mode(cfg, retrain)
+    if mode == "finished" or mode == "fresh":
+        _say(message)
+    if mode == "finished":
+        return {}
+    with Preemption() as preempted:
+        job = build_job(cfg)
+        table = _start(job, mode == "resume")
+        loss_fn = _with_faults(make_loss_fn(cfg, job.rt.topo, job.edges), job)
+        stop = cfg.schedule.stop_after
+        for done, plan in enumerate(remaining_steps(job.plan, job.state), start=1):
+            job.timings = {}
+            t0 = time.perf_counter()
+            record = cycle_step(job, plan, loss_fn)
+            job.state.advance()
+            if plan.end_of_cycle and cfg.schedule.merge_every_cycle and len(cfg.branches) > 1:
+                with job.timed("merge"):
+                    merge_branches(job)
+            every, more = cfg.checkpoint.every, job.state.next_step < len(job.plan)
+            stopping = stop and done >= stop and more
+            signalled = more and preempted.agreed(job.rt.device)
+            if (every and job.state.next_step % every == 0) or stopping or signalled:
+                with job.timed("checkpoint"):
+                    save_step(Path(cfg.run_dir) / "checkpoints", plan.step, job.bm, job.rt.topo,
+                              cfg, trainer_state(job))  # fmt: skip
+            record.update(job.timings, **{"time/step": time.perf_counter() - t0})
+            record["tokens_per_s"] = record.get("train_tokens", 0.0) / record["time/step"]
+            job.logger.log(plan.step, record)
+            if stopping or signalled:
+                why = f"{preempted.name}: preempted" if signalled else "schedule.stop_after"
+                _say(f"stopping after step {plan.step} ({why}); saved step_{plan.step:06d}, "
+                     "continue with --resume=auto")  # fmt: skip
+                break
+        else:
+            finish(job, table)
     job.logger.close()
     job.judge.close()
     return table
+
+
+def _say(message: str) -> None:
+    """Print once per job: on global rank 0 (read from the launcher before the process group)."""
+    rank = dist.get_rank() if dist.is_initialized() else read_launch_env().rank
+    if rank == 0:
+        print(f"copd train: {message}", flush=True)
+
+
+def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
+    """Restore the job when resuming (else cut its metrics back to step 0 and evaluate the base
+    model); the evaluation table so far (the base row, kept in RUN/eval_base.json)."""
+    cfg = job.cfg
+    base_file = Path(cfg.run_dir) / "eval_base.json"
+    if resuming:
+        if not resume(job):
+            raise CheckpointError(f"{cfg.run_dir}/checkpoints: the checkpoint to resume from "
+                                  "disappeared while the job started")  # fmt: skip
+        _say(f"resumed from {Path(cfg.run_dir) / 'checkpoints'}/step_"
+             f"{job.state.next_step - 1:06d}: continuing at step {job.state.next_step} of "
+             f"{len(job.plan)}")  # fmt: skip
+        return json.loads(base_file.read_text()) if base_file.exists() else {}
+    job.logger.cut_back(0)
+    table = evaluate_shared_model(job, "base")
+    if dist.get_rank() == 0:
+        write_text_atomic(base_file, json.dumps(table, indent=2))
+    return table
+
+
+def _with_faults(loss_fn, job: BranchJob):
+    """``loss_fn``, or with ``debug.nan_loss_at_step=N`` one whose loss is NaN in step N."""
+    at = job.cfg.debug.nan_loss_at_step
+    if at < 0:
+        return loss_fn
+
+    def poisoned(mb: dict, logits: torch.Tensor):
+        loss, units, metrics = loss_fn(mb, logits)
+        return (loss * float("nan") if job.state.next_step == at else loss), units, metrics
+
+    return poisoned
 
 
 def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
@@ -349,22 +393,29 @@ def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
         path = save_final(job, "model", final_branch)
     write_eval(job, table)
     if dist.get_rank() == 0:
-        Path(cfg.run_dir, "timings.json").write_text(json.dumps(job.timings, indent=2))
+        write_text_atomic(Path(cfg.run_dir, "timings.json"), json.dumps(job.timings, indent=2))
     job.rt.log(f"final model ({label}) saved to {path}")
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="copd train", description=__doc__)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
+    ap.add_argument(
+        "--resume",
+        action="store_const",
+        const="required",
+        help="continue from RUN/checkpoints; an error when there is no checkpoint",
+    )
+    ap.add_argument("--resume=auto", dest="resume", action="store_const", const="auto",
+                    help="continue if RUN/checkpoints holds a complete step, else start fresh "
+                    "(requeued jobs); says which in one line")  # fmt: skip
+    ap.add_argument("--retrain", action="store_true",
+                    help="start over even when RUN holds checkpoints or a finished run")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        cfg.checkpoint.resume = cfg.checkpoint.resume or args.resume
-        train(cfg)
-    except ConfigError as e:
-        print(f"copd train: {e}", file=sys.stderr)
-        return 1
+    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        cfg.checkpoint.resume = args.resume
+    train(cfg, retrain=args.retrain)
     shutdown()
     return 0

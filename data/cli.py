@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from copd_mega.config import DataConfig
 from copd_mega.data.shards import pack_jsonl, write_shards
 from copd_mega.data.synthetic import (
     CAPABILITIES,
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--out", required=True, type=Path, help="output folder (one sub-folder per capability)"
     )
-    synth.add_argument("--n-train", type=int, required=True)
-    synth.add_argument("--n-eval", type=int, required=True)
+    data_defaults = DataConfig()
+    synth.add_argument("--n-train", type=int, default=data_defaults.n_train,
+                       help=f"training samples (default {data_defaults.n_train})")  # fmt: skip
+    synth.add_argument("--n-eval", type=int, default=data_defaults.n_eval,
+                       help=f"held-out samples (default {data_defaults.n_eval})")  # fmt: skip
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--samples-per-shard", type=int, default=1000)
     synth.add_argument(

@@ -7,8 +7,9 @@ Members of sample `<key>` (the key has no dot; members are written in sorted suf
 - `<key>.mp4`: a video, or `<key>.frames.0.png`, `<key>.frames.1.png`, ...: a video stored as
   frames. Readers sample frames of either form with `media.frame_indices`.
 
-Shards are plain (uncompressed) tar so readers can seek to any member. They are written under a
-temporary name and renamed when complete, so a crashed writer leaves no half shard behind.
+Shards are plain (uncompressed) tar so readers can seek to any member. They are written into a
+temporary folder and moved into place only when every sample encoded, so a failed or crashed
+writer leaves no half shard behind and never removes the shards it was asked to replace.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -158,8 +160,10 @@ def write_shards(
 ) -> list[Path]:
     """Write samples (see `encode_sample`) to `out_dir/<prefix>-000000.tar`, ... .
 
-    `samples` is consumed lazily, so memory holds one sample at a time. All or nothing: when a
-    sample fails to encode, the shards of this call are removed and the error re-raised.
+    `samples` is consumed lazily, so memory holds one sample at a time. All or nothing: shards
+    are written into a temporary folder beside them (`out_dir/.<prefix>.partial`) and moved
+    into place only after every sample encoded; on any error that folder is removed and the
+    shards already in `out_dir` (replaced with `overwrite`) are untouched.
 
     Returns:
         The shard paths, in order. Raises ValueError when no sample was given, or when shards
@@ -177,37 +181,42 @@ def write_shards(
             f"{out_dir} already holds {len(stale)} {prefix}-*.tar shards; use an empty output "
             "folder or pass overwrite=True (--overwrite) to replace them"
         )
-    for path in stale:
-        path.unlink()
+    staging = out_dir / f".{prefix}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # an earlier writer that died
+    staging.mkdir()
+    try:
+        written = _write_into(samples, staging, prefix, samples_per_shard)
+        if not written:
+            raise ValueError(f"no samples to write for {out_dir}/{prefix}-*.tar")
+        for path in written:  # each swap is atomic; the old set is gone only after the last
+            os.replace(path, out_dir / path.name)
+        for path in stale[len(written) :]:
+            path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / path.name for path in written]
+
+
+def _write_into(samples: Iterable[dict], folder: Path, prefix: str, per_shard: int) -> list[Path]:
+    """Encode ``samples`` into ``folder/<prefix>-NNNNNN.tar`` files; returns them in order."""
     written: list[Path] = []
-    writer, tmp, count = None, None, 0
+    writer, count = None, 0
     try:
         for index, sample in enumerate(samples):
             if writer is None:
-                final = out_dir / f"{prefix}-{len(written):06d}.tar"
-                tmp = final.with_name(final.name + ".tmp")
-                writer = wds.TarWriter(str(tmp), encoder=False, mtime=0, user="copd", group="copd")
-                written.append(final)
-            members = encode_sample(sample)
-            writer.write({"__key__": f"{index:08d}", **members})
+                written.append(folder / f"{prefix}-{len(written):06d}.tar")
+                writer = wds.TarWriter(
+                    str(written[-1]), encoder=False, mtime=0, user="copd", group="copd"
+                )
+            writer.write({"__key__": f"{index:08d}", **encode_sample(sample)})
             count += 1
-            if count == samples_per_shard:
+            if count == per_shard:
                 writer.close()
-                os.replace(tmp, written[-1])
                 writer, count = None, 0
+    finally:
         if writer is not None:
             writer.close()
-            os.replace(tmp, written[-1])
-            writer = None
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        for path in [*written, tmp]:
-            if path is not None and path.exists():
-                path.unlink()
-        raise
-    if not written:
-        raise ValueError(f"no samples to write for {out_dir}/{prefix}-*.tar")
     return written
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 
 OPTIMIZER_STATE_POLICIES = ("average", "reset", "keep")
@@ -95,7 +96,7 @@ def weighted_all_reduce(
     """
     for bucket in buckets(tensors, bucket_numel):
         flat = _flatten_dense_tensors(bucket).mul_(weight)
-        dist.all_reduce(flat, group=group)
+        comm.all_reduce(flat, group=group)
         for t, merged in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             t.copy_(merged)
 

@@ -17,7 +17,9 @@
 #   COPD_DRY_RUN  1: same as --dry-run
 #   MASTER_PORT   rendezvous port (default derived from the job id)
 #
-# A resubmitted or requeued job continues from RUN/checkpoints/latest (see checkpoint.every).
+# A resubmitted or requeued job continues from the newest complete step in RUN/checkpoints
+# (--resume=auto; see checkpoint.every). Two minutes before the time limit Slurm sends SIGUSR1:
+# every rank saves a checkpoint at the next step boundary and exits 0, ready to be requeued.
 #SBATCH --job-name=copd-8branch
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
@@ -26,6 +28,7 @@
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue
+#SBATCH --signal=USR1@120
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -62,7 +65,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # Progress reaches the output file as it happens.
 export PYTHONUNBUFFERED=1
 
-# --resume starts fresh when the run directory holds no complete checkpoint.
+# --resume=auto starts fresh when the run directory holds no complete checkpoint (it says which).
 # --kill-on-bad-exit: one failed rank ends the step rather than leaving the others blocked.
-srun --kill-on-bad-exit=1 "$PYTHON" -m copd_mega.cli train --config "$CONFIG" --resume \
+srun --kill-on-bad-exit=1 "$PYTHON" -m copd_mega.cli train --config "$CONFIG" --resume=auto \
   ${COPD_RUN_DIR:+"run_dir=$COPD_RUN_DIR"} "$@"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lost_cases import fake_step
 
 from copd_mega.checkpoint import (
     COMPLETE_FILE,
@@ -68,7 +68,7 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _resume_worker(rank: int, root: str, layout: list[str], broken: str) -> dict:
+def _resume_worker(rank: int, root: str, layout: list[str], broken: str, lost: str) -> dict:
     from copd_mega.checkpoint import load_latest, save_model, save_step
     from copd_mega.config import load_config
     from copd_mega.model import build_branch_model
@@ -107,9 +107,9 @@ def _resume_worker(rank: int, root: str, layout: list[str], broken: str) -> dict
     _train_step(bm, topo, seed + 4)
     out["resumed_step_equal"] = _same(after4, _params(bm))
     out["checksum"] = float(sum(v.double().sum() for v in snapshots[3].values()))
-    # A step folder whose branch lost metadata.json is skipped; step 2 loads instead.
+    # A step folder whose branch lost a file the loader reads is skipped; step 2 loads instead.
     if rank == 0:
-        (Path(root) / "step_000003" / f"branch_{broken}" / "metadata.json").unlink()
+        (Path(root) / "step_000003" / f"branch_{broken}" / lost).unlink()
     torch.distributed.barrier()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -124,19 +124,20 @@ def _resume_worker(rank: int, root: str, layout: list[str], broken: str) -> dict
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
-    "layout,broken",
+    "layout,broken,lost",
     [
-        ([TWO_BRANCHES], "b"),
-        (["parallel.dp=2"], "text"),
-        pytest.param(["parallel.pp=2"], "text", marks=pytest.mark.slow),
+        ([TWO_BRANCHES], "b", ".metadata"),
+        (["parallel.dp=2"], "text", "metadata.json"),
+        pytest.param(["parallel.pp=2"], "text", "metadata.json", marks=pytest.mark.slow),
     ],
     ids=["2branches", "1branch_dp2", "1branch_pp2_tied"],
 )
-def test_save_step_load_latest(tmp_path, layout, broken):
+def test_save_step_load_latest(tmp_path, layout, broken, lost):
     """Model, optimizer (a further step matches), trainer_state, RNG; latest; keep-last-2;
-    a step with a branch's metadata.json missing is warned about and the previous one loads."""
+    a step with a branch's metadata.json or torch's .metadata missing is warned about and the
+    previous one loads."""
     root = tmp_path / "checkpoints"
-    res = spawn(_resume_worker, 2, str(root), layout, broken)
+    res = spawn(_resume_worker, 2, str(root), layout, broken, lost)
     for rank, r in enumerate(res):
         assert r["latest"] == "step_000003"
         assert r["steps"] == ["step_000002", "step_000003"]  # keep_last=2 removed step 1
@@ -155,7 +156,7 @@ def test_save_step_load_latest(tmp_path, layout, broken):
         merged = merge_checkpoints([tmp_path], tmp_path / "merged", progress=False)
         mean = (res[0]["final_norm"] + res[1]["final_norm"]) / 2
         torch.testing.assert_close(CheckpointReader(merged).read({key: None})[key], mean)
-    assert res[0]["warnings"] and f"branch_{broken}/metadata.json" in res[0]["warnings"][0]
+    assert res[0]["warnings"] and f"branch_{broken}/{lost}" in res[0]["warnings"][0]
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -287,21 +288,10 @@ def test_model_checkpoint_saved_at_tp2_loads_at_tp1(tmp_path):
 # ----------------------------------------------------------------------------- filesystem only
 
 
-def _fake_step(root: Path, step: int, complete: bool = True, branches=("a", "b")) -> Path:
-    d = root / f"step_{step:06d}"
-    for b in branches:
-        (d / f"branch_{b}").mkdir(parents=True)
-        (d / f"branch_{b}" / "metadata.json").write_text("{}")
-    (d / "trainer_state").mkdir()
-    if complete:
-        (d / COMPLETE_FILE).write_text(json.dumps({"step": step, "branches": list(branches)}))
-    return d
-
-
 def test_find_resume_step_prefers_latest_and_skips_incomplete(tmp_path):
-    _fake_step(tmp_path, 10)
-    _fake_step(tmp_path, 20)
-    _fake_step(tmp_path, 30, complete=False)  # killed before it committed
+    fake_step(tmp_path, 10)
+    fake_step(tmp_path, 20)
+    fake_step(tmp_path, 30, complete=False)  # killed before it committed
     (tmp_path / "latest").write_text("step_000020\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -320,12 +310,14 @@ def test_find_resume_step_prefers_latest_and_skips_incomplete(tmp_path):
 
 def test_retention_keeps_last_k_complete_steps(tmp_path):
     for s in (1, 2, 3):
-        _fake_step(tmp_path, s)
-    _fake_step(tmp_path, 4, complete=False)
-    _fake_step(tmp_path, 5)
-    _fake_step(tmp_path, 6, complete=False)  # a killed save newer than the one just written
+        fake_step(tmp_path, s)
+    fake_step(tmp_path, 4, complete=False)
+    fake_step(tmp_path, 5)
+    fake_step(tmp_path, 6, complete=False)  # newer than the one just written: kept
+    (tmp_path / "step_000003.replaced-0").mkdir()  # set aside when step 3 was re-saved
     _apply_retention(tmp_path, tmp_path / "step_000005", keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000005"]
+    kept = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert kept == ["step_000003", "step_000005", "step_000006"]
 
 
 def test_bad_checkpoint_path_errors_name_the_path(tmp_path):

@@ -22,9 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("copd_mega", "parallel", "data")
 COMM = "parallel/comm.py"
 ALLOWED = comm.QUERIES | comm.TYPES
-# Modules whose remaining collectives are being moved to comm by concurrent changes. An entry
-# must go as soon as its module is clean: test_pending_entries_are_not_stale fails until then.
-PENDING = {"copd_mega/step.py", "parallel/merge.py"}
 
 
 def _bound_names(tree: ast.AST) -> tuple[set[str], set[str]]:
@@ -78,21 +75,11 @@ def _package_files() -> dict[str, Path]:
 def test_only_comm_calls_torch_distributed():
     files = _package_files()
     assert COMM in files and len(files) > 40
-    bad = {
-        rel: v
-        for rel, p in files.items()
-        if rel != COMM and rel not in PENDING and (v := violations(p.read_text()))
-    }
+    bad = {rel: v for rel, p in files.items() if rel != COMM and (v := violations(p.read_text()))}
     assert not bad, (
         "torch.distributed used outside parallel/comm.py (route it through "
         f"copd_mega.parallel.comm; only {sorted(ALLOWED)} are allowed elsewhere): {bad}"
     )
-
-
-def test_pending_entries_are_not_stale():
-    files = _package_files()
-    for rel in PENDING:
-        assert violations(files[rel].read_text()), f"{rel} is clean now: remove it from PENDING"
 
 
 @pytest.mark.parametrize(

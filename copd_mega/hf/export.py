@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,24 +148,43 @@ def export_hf(
 
     reader = CheckpointReader(ckpt)
     m = reader.config().model
-    out = Path(out)
+    torch_dtype = DTYPES[dtype] if dtype else reader.specs[mp.EMBEDDING].dtype
+    with staged_output(Path(out)) as tmp:
+        with progress_bar("export", hf_nbytes(reader, torch_dtype), progress) as advance:
+            writer = ShardWriter(tmp, max_shard_bytes, advance)
+            export_tensors(reader, writer, torch_dtype)
+            writer.finish()
+        if (reader.path / "tokenizer_config.json").is_file():  # an HF tokenizer came with it
+            token_ids = export_hf_tokenizer(reader.path, tmp)
+        else:
+            token_ids = export_tokenizer(reader.tokenizer, tmp)
+        hf_config(m, str(torch_dtype).removeprefix("torch."), token_ids).save_pretrained(str(tmp))
+        if not (tmp / "generation_config.json").is_file():
+            gen = {
+                f"{r}_token_id": token_ids.get(r) for r in SPECIAL if token_ids.get(r) is not None
+            }
+            GenerationConfig(**gen).save_pretrained(str(tmp))
+    return Path(out)
+
+
+@contextmanager
+def staged_output(out: Path):
+    """Yield a folder beside ``out`` to write into; it becomes ``out`` only when the block ends
+    without an error (``out`` must be absent or empty; a failed export leaves nothing there)."""
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    torch_dtype = DTYPES[dtype] if dtype else reader.specs[mp.EMBEDDING].dtype
-    with progress_bar("export", hf_nbytes(reader, torch_dtype), progress) as advance:
-        writer = ShardWriter(out, max_shard_bytes, advance)
-        export_tensors(reader, writer, torch_dtype)
-        writer.finish()
-    if (reader.path / "tokenizer_config.json").is_file():  # an HF tokenizer came with it
-        token_ids = export_hf_tokenizer(reader.path, out)
-    else:
-        token_ids = export_tokenizer(reader.tokenizer, out)
-    hf_config(m, str(torch_dtype).removeprefix("torch."), token_ids).save_pretrained(str(out))
-    if not (out / "generation_config.json").is_file():
-        gen = {f"{r}_token_id": token_ids.get(r) for r in SPECIAL if token_ids.get(r) is not None}
-        GenerationConfig(**gen).save_pretrained(str(out))
-    return out
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an export that died
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
 
 
 def export_hf_tokenizer(ckpt: Path, out: Path) -> dict[str, int | None]:
@@ -181,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="HF model directory to write (new or empty)")
     ap.add_argument("--max-shard-size", default="2GB", help="per safetensors file, e.g. 2GB, 500MB")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    ap.add_argument("--image-token-id", type=int, default=None,
+                    help="vision checkpoints: HF image_token_index (default: the tokenizer's "
+                    "<image>, else the one kept at import)")  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if CheckpointReader(args.ckpt).config().vision.enabled:  # LlavaForConditionalGeneration
             from copd_mega.hf.llava import export_llava
 
-            path = export_llava(args.ckpt, args.out, **kwargs)
+            path = export_llava(args.ckpt, args.out, image_token_id=args.image_token_id, **kwargs)
         else:
             path = export_hf(args.ckpt, args.out, **kwargs)
     except (CheckpointError, ValueError, FileExistsError) as e:

@@ -34,7 +34,7 @@ from copd_mega.checkpoint import CheckpointError
 from copd_mega.config import Config, validate
 from copd_mega.hf import llava_mapping as lm
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.export import DTYPES, ShardWriter, export_tensors, parse_size
+from copd_mega.hf.export import DTYPES, ShardWriter, export_tensors, parse_size, staged_output
 from copd_mega.hf.families import UnsupportedHFModel
 from copd_mega.hf.importer import SafetensorsDir, make_producer
 from copd_mega.merge import CheckpointReader, TensorSpec, progress_bar, write_checkpoint
@@ -147,7 +147,8 @@ def export_llava(
     """Write HF LLaVA directory ``out`` from a VLM checkpoint directory or a dict of its global
     tensors (``cfg`` required then; defaults to the checkpoint's ``config.yaml``).
 
-    ``image_token_id`` defaults to ``<image>`` of the checkpoint's ``tokenizer.json``.
+    ``image_token_id`` defaults to ``<image>`` of the checkpoint's ``tokenizer.json``, else to
+    ``vision.image_token_index`` of its config (kept by :func:`import_llava`).
     """
     from tokenizers import Tokenizer
     from transformers import GenerationConfig
@@ -161,30 +162,28 @@ def export_llava(
         raise ValueError("vision.enabled=false in this checkpoint: export it with copd export-hf")
     tok = reader.tokenizer and Tokenizer.from_file(str(reader.tokenizer))
     tok_image = tok.token_to_id(IMAGE_TOKEN) if tok else None
-    image_token_id = tok_image if image_token_id is None else image_token_id
+    kept = cfg.vision.image_token_index if cfg.vision.image_token_index >= 0 else None
+    image_token_id = next((i for i in (image_token_id, tok_image, kept) if i is not None), None)
     if image_token_id is None:
         raise ValueError(
-            "no image token id: the checkpoint has no tokenizer.json with <image>; pass "
-            "image_token_id= (--image-token-id)"
+            "no image token id: the checkpoint has no tokenizer.json with <image> and no "
+            "vision.image_token_index in its config.yaml; pass --image-token-id to copd export-hf"
         )
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    token_ids = _save_tokenizer(reader.tokenizer, out)
-    torch_dtype = DTYPES[dtype] if dtype else reader.specs[lm.LM + mp.EMBEDDING].dtype
-    numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
-    with progress_bar("export", numel * torch_dtype.itemsize, progress) as advance:
-        writer = ShardWriter(out, max_shard_bytes, advance)
-        export_tensors(_Prefixed(reader, cfg), _Renaming(writer, "text"), torch_dtype)
-        export_vision(reader, writer, cfg, torch_dtype)
-        writer.finish()
-    name = str(torch_dtype).removeprefix("torch.")
-    lm.llava_config(cfg, name, token_ids, image_token_id).save_pretrained(str(out))
-    gen = {f"{r}_token_id": i for r, i in token_ids.items() if i is not None}
-    GenerationConfig(**gen).save_pretrained(str(out))
-    _save_processor(cfg, out, has_tokenizer=tok_image is not None)
-    return out
+    with staged_output(Path(out)) as tmp:
+        token_ids = _save_tokenizer(reader.tokenizer, tmp)
+        torch_dtype = DTYPES[dtype] if dtype else reader.specs[lm.LM + mp.EMBEDDING].dtype
+        numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
+        with progress_bar("export", numel * torch_dtype.itemsize, progress) as advance:
+            writer = ShardWriter(tmp, max_shard_bytes, advance)
+            export_tensors(_Prefixed(reader, cfg), _Renaming(writer, "text"), torch_dtype)
+            export_vision(reader, writer, cfg, torch_dtype)
+            writer.finish()
+        name = str(torch_dtype).removeprefix("torch.")
+        lm.llava_config(cfg, name, token_ids, image_token_id).save_pretrained(str(tmp))
+        gen = {f"{r}_token_id": i for r, i in token_ids.items() if i is not None}
+        GenerationConfig(**gen).save_pretrained(str(tmp))
+        _save_processor(cfg, tmp, has_tokenizer=tok_image is not None)
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- import

@@ -246,10 +246,14 @@ def vlm_config_from_hf(hf_cfg, where: Path, pad_vocab_to: int = 8) -> Config:
             raise refuse(where, field, value, supported)
     cfg = Config()
     cfg.model = model_config_from_hf(tc.to_dict(), where, pad_vocab_to)
+    image_token = getattr(
+        hf_cfg, "image_token_id", None
+    )  # kept: export needs it without a tokenizer
     cfg.vision = VisionConfig(
         enabled=True, image_size=vc.image_size, patch_size=vc.patch_size,
         num_layers=kept_vision_layers(hf_cfg.vision_feature_layer, vc.num_hidden_layers, where),
         hidden_size=vc.hidden_size, ffn_hidden_size=vc.intermediate_size,
         num_attention_heads=vc.num_attention_heads,
+        image_token_index=-1 if image_token is None else image_token,
     )  # fmt: skip
     return cfg

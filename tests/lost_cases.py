@@ -1,0 +1,216 @@
+"""Helpers of the recovery tests: checkpoint folders with real torch_dist files, ``copd`` in a
+subprocess (one process or torchrun), per-rank bodies for ``multiproc.spawn`` (import-safe)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from copd_mega.checkpoint import COMPLETE_FILE
+
+# One branch, one rank, a few seconds per step on a CPU.
+TINY = [
+    "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1",
+    "model.max_seq_length=48", "data.n_train=64", "data.n_eval=4",
+    "rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "grpo.group_size=2",
+    "opd.prompts_per_peer=2", "opd.samples_per_prompt=1", "schedule.cycles=1",
+    "schedule.rl_steps=2", "schedule.opd_steps=1", "schedule.mode=expert",
+    "logging.progress=false",
+]  # fmt: skip
+TWO = "branches=[{name: arith, data: arith}, {name: reverse, data: reverse}]"
+
+
+def torch_dist_dir(path: Path, value: float = 0.0) -> Path:
+    """A folder with the files a torch_dist load reads (``.metadata`` and the ``.distcp`` it
+    names, written by torch; megatron's ``metadata.json`` and ``common.pt``; ``config.yaml``)."""
+    import torch.distributed.checkpoint as dcp
+
+    path.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"x": torch.full((2,), value)}, checkpoint_id=str(path), no_dist=True)
+    (path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    torch.save({}, path / "common.pt")
+    (path / "config.yaml").write_text("{}\n")
+    return path
+
+
+def fake_step(root: Path, step: int, complete: bool = True, branches=("a", "b"), world=2) -> Path:
+    """A step folder holding every file ``incomplete_reason`` checks (``complete=False``: a save
+    killed before it committed)."""
+    d = root / f"step_{step:06d}"
+    for b in branches:
+        torch_dist_dir(d / f"branch_{b}", float(step))
+    (d / "trainer_state").mkdir(parents=True)
+    (d / "trainer_state" / "config.yaml").write_text("{}\n")
+    for r in range(world):
+        torch.save({"step": step}, d / "trainer_state" / f"rank_{r:05d}.pt")
+    if complete:
+        info = {"step": step, "branches": list(branches), "world_size": world}
+        (d / COMPLETE_FILE).write_text(json.dumps(info))
+    return d
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def write_config(path: Path, overrides: list[str]) -> Path:
+    from copd_mega.config import load_config, save_config
+
+    save_config(load_config(None, overrides), path)
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def copd(*args: str, ranks: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``copd ARGS`` in a subprocess (``ranks`` > 0: under torchrun with that many ranks)."""
+    from copd_mega.parallel.dist import free_port
+
+    cmd = [sys.executable, "-m", "copd_mega.cli", *args]
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               f"--master-port={free_port()}", "-m", "copd_mega.cli", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def copd_popen(*args: str, ranks: int) -> subprocess.Popen:
+    """``copd ARGS`` under torchrun, running in the background (stdout and stderr to a pipe)."""
+    from copd_mega.parallel.dist import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+           f"--master-port={free_port()}", "-m", "copd_mega.cli", *args]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
+
+
+def copd_killed(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """``copd ARGS`` (one process) in its own session, for a job that gets killed: returns its
+    exit code and output once it ended, after killing what it left (megatron's save helpers)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "copd_mega.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+            text=True, env=_env(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        return code, out.read()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ": error: " in line]
+
+
+def metrics_rows(run_dir: Path) -> dict[tuple[str, int], dict]:
+    """(branch, step) -> JSONL row; asserts no step appears twice in a file."""
+    out = {}
+    for path in sorted((run_dir / "metrics").glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        assert len(steps) == len(set(steps)), f"{path} repeats steps: {steps}"
+        out.update({(r["branch"], r["step"]): r for r in rows})
+    return out
+
+
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from copd_mega.merge import CheckpointReader
+
+    reader = CheckpointReader(path)
+    keys = [k for k in reader.specs if not k.startswith("optimizer")]
+    return reader.read(dict.fromkeys(keys))
+
+
+# ----------------------------------------------------------------------------- per-rank bodies
+
+
+def guard_case(rank: int, overrides: list[str]) -> dict:
+    """One step with ``adam_eps=0`` (Adam's 0/0 on parameters without gradient), then one with
+    ``adam_eps=1e-8``. Returns the weights before, after the guarded step and after the next."""
+    import torch.nn.functional as F
+
+    from copd_mega.config import load_config
+    from copd_mega.model import build_branch_model
+    from copd_mega.parallel.dist import init_distributed
+    from copd_mega.parallel.topology import build_topology
+    from copd_mega.step import optimizer_step, prepare_for_training, run_microbatches
+
+    cfg = load_config(None, ["model.vocab_size=100", "model.tie_embeddings=false", "optim.lr=0.01",
+                             *overrides])  # fmt: skip
+    init_distributed()
+    topo = build_topology(cfg)
+    bm = build_branch_model(cfg, topo)
+    prepare_for_training(bm, topo)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (2, 8), generator=g)  # rows 50.. of the embedding get no grad
+    mb = {"tokens": tokens, "position_ids": torch.arange(8).expand(2, 8)}
+    mb["labels"] = torch.roll(tokens, -1, 1)
+
+    def loss_fn(mb, logits):  # TP=1 here: the logits hold the whole vocabulary
+        flat = logits.float().flatten(0, 1)
+        loss = F.cross_entropy(flat, mb["labels"].flatten(), reduction="sum")
+        return loss, torch.tensor(mb["labels"].numel()), {}
+
+    def params() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in bm.module.named_parameters()}
+
+    def set_eps(eps: float) -> None:
+        for o in getattr(bm.optimizer, "chained_optimizers", [bm.optimizer]):
+            for group in o.optimizer.param_groups:
+                group["eps"] = eps
+
+    before = params()
+    set_eps(0.0)
+    run_microbatches(bm, topo, [mb], loss_fn)
+    guarded = optimizer_step(bm)
+    after_guard = params()
+    set_eps(1e-8)
+    run_microbatches(bm, topo, [mb], loss_fn)
+    ok = optimizer_step(bm)
+    group = bm.optimizer.get_grad_stats_parallel_group()
+    return {
+        "guarded": guarded, "next": ok, "before": before, "after_guard": after_guard,
+        "after_next": params(), "group_size": torch.distributed.get_world_size(group),
+    }  # fmt: skip
+
+
+def judge_case(rank: int, overrides: list[str], items: list) -> tuple[list[float], dict, float]:
+    """Score ``items`` with the judge a job builds from ``rewards.*``; returns the rewards, the
+    status counts and the seconds the call took (workers already started)."""
+    import time
+
+    from copd_mega.config import load_config
+    from copd_mega.judge import Judge
+    from copd_mega.parallel.dist import init_distributed
+    from copd_mega.parallel.topology import build_topology
+
+    cfg = load_config(None, overrides)
+    init_distributed()
+    topo = build_topology(cfg)
+    judge = Judge.from_config(topo, torch.device("cpu"), cfg.rewards)
+    judge.pool.wait_ready()
+    t0 = time.monotonic()
+    rewards, counts = judge.score(items)
+    elapsed = time.monotonic() - t0
+    judge.close()
+    return rewards.tolist(), counts, elapsed
