@@ -63,6 +63,8 @@ class GPTStep:
         self.ctx = StaticInferenceContext(rows, length) if use_kv_cache else None
         if self.ctx is not None:
             self.ctx.reset()
+        self.peak = (0, 0)  # the allocated KV memory's (rows, positions) before compactions
+        self.layers = 0  # transformer layers whose keys/values this stage caches
 
     def __call__(self, tokens: Tensor, rows: Tensor, start: int, end: int, decode: bool):
         """Feed positions ``[start, end)`` (all of ``[0, end)`` without a cache) of the running
@@ -90,24 +92,34 @@ class GPTStep:
             send_to_next_pipeline_rank(out.to(self.dtype).contiguous(), self.pp_group)
         if self.ctx is not None:
             self.ctx.increment_sequence_len_offset(s)
+            self.layers = sum(isinstance(v, tuple) for v in self.ctx.key_value_memory_dict.values())
         return out[:, -1] if self.last else None
 
     def compact(self, keep: Tensor) -> None:
         """Keep only running rows ``keep`` (indices into the current running batch, [n'] long)
         in every layer's KV cache of this stage; freed rows are released."""
+        self.peak = max(self.peak, cache_shape(self.ctx))
         compact_cache(self.ctx, keep)
 
     def cache_shape(self) -> tuple[int, int]:
-        """``(rows, positions)`` the KV cache was allocated for ((0, 0) without a cache)."""
-        if self.ctx is None:
-            return (0, 0)
-        return (self.ctx.max_batch_size, self.ctx.max_sequence_length)
+        """``(rows, positions)`` of this stage's largest allocated KV memory so far ((0, 0)
+        without a cache)."""
+        return max(self.peak, cache_shape(self.ctx))
 
     def close(self) -> None:
         """Drop the cache and the last received activations."""
         if not self.first:
             self.gpt.set_input_tensor(None)
         self.ctx = None
+
+
+def cache_shape(ctx) -> tuple[int, int]:
+    """``(rows, positions)`` of the largest key memory ``[seq, rows, groups, dim]`` held by a
+    ``StaticInferenceContext`` ((0, 0) for None or before the first forward)."""
+    if ctx is None:
+        return (0, 0)
+    shapes = [v[0].shape for v in ctx.key_value_memory_dict.values() if isinstance(v, tuple)]
+    return max(((int(s[1]), int(s[0])) for s in shapes), default=(0, 0))
 
 
 def compact_cache(ctx, keep: Tensor) -> None:

@@ -346,7 +346,7 @@ class MegatronSampler:
             empty = torch.empty(0, 0, dtype=torch.long, device=dev)
             return Rollouts(empty, empty[:, 0], empty[:, 0], empty.float())
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        stats: dict = {"micro_batches": 0, "cache_rows": 0, "cache_len": 0}
+        stats: dict = {"micro_batches": 0, "cache_rows": 0, "cache_len": 0, "cache_layers": 0}
         parts = []
         was_training = self.model.training
         self.model.eval()
@@ -371,12 +371,13 @@ class MegatronSampler:
         step = GPTStep(self.gpt, self.topo, b, length, self.use_kv_cache)
         try:
             out = decode_loop(batch, step, params, self.vocab_size, share, self.compact, stats)
-        finally:
             rows, positions = step.cache_shape()
-            stats["micro_batches"] += 1
-            stats["cache_rows"] = max(stats["cache_rows"], rows)
-            stats["cache_len"] = max(stats["cache_len"], positions)
+            stats["cache_layers"] = step.layers
+        finally:
             step.close()
+        stats["micro_batches"] += 1
+        stats["cache_rows"] = max(stats["cache_rows"], rows)
+        stats["cache_len"] = max(stats["cache_len"], positions)
         return out
 
 

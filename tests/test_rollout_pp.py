@@ -39,7 +39,7 @@ def pp_cases(rank: int, tp: int, pp: int) -> dict:
     greedy = SamplingParams(max_new_tokens=NEW, temperature=0)
     sample = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.95)
     out = {"coords": (topo.tp_rank, topo.pp_rank)}
-    out["greedy"], _ = run(greedy, 0)
+    out["greedy"], out["greedy_all_stats"] = run(greedy, 0)
     out["sample"], _ = run(sample, 11)
     out["sample_full"], _ = run(sample, 11, use_kv_cache=False)
     out["train_mode_restored"] = bm.model.training and bm.module.training
@@ -108,10 +108,12 @@ def test_pp1_reference_is_sound(pp1):
         assert_same(eos, full, exact_logprobs=False)
     stats = pp1["greedy_eos_stats"]
     # 5 rows, max_batch_size=3: micro-batches of 3 and 2 rows sorted by prompt length
-    # ([4], [30, 31], [1, 2, 3] | [9]*5, [5..11]); the largest cache is 3 x (3 + NEW).
+    # ([4], [30, 31], [1, 2, 3] | [9]*5, [5..11]).
+    # The largest allocated KV memory: 3 rows; the second micro-batch's longest prompt + NEW.
     assert stats["micro_batches"] == 2
-    assert (stats["cache_rows"], stats["cache_len"]) == (3, 7 + NEW) or stats["cache_rows"] == 3
-    assert stats["cache_len"] == 7 + NEW  # the longer micro-batch: its longest prompt + NEW
+    assert (stats["cache_rows"], stats["cache_len"]) == (3, 7 + NEW)
+    assert pp1["greedy_all_stats"]["cache_rows"] == len(PROMPTS)  # max_batch_size >= rows
+    assert stats["cache_layers"] == 4
     r = pp1["greedy_eos"]
     assert int(r.lengths[0]) == len(PROMPTS[0]) + 3  # stopped at the EOS it emitted
     assert (r.lengths - r.prompt_lens).max() == NEW  # and some row ran to the length limit
@@ -124,6 +126,7 @@ def test_pp2_generation_equals_pp1(pp1, pp2):
         for key in KEYS:
             assert_same(res[key], pp1[key], exact_logprobs=False)
         assert res["train_mode_restored"]
+        assert res["greedy_eos_stats"]["cache_layers"] == 2  # each stage caches its own layers
 
 
 @pytest.mark.multiproc
@@ -138,6 +141,7 @@ def test_tp2_pp2_generation_equals_tp1_pp1_and_compaction_changes_nothing(pp1, t
             on, off = res[f"{name}_eos_stats"], res[f"{name}_eos_nocompact_stats"]
             assert on["row_forwards"] < off["row_forwards"]
             assert on["cache_rows"] == off["cache_rows"] == 3
+            assert on["cache_layers"] == 2
     first = tp2pp2[0]
     for res in tp2pp2[1:]:  # bit-identical rollouts on every rank of the replica
         for key in KEYS:
