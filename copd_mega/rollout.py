@@ -50,6 +50,7 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
+from copd_mega.pipeline_step import GPTStep, share_from_last_stage
 
 CHECK_EVERY = 8  # positions between host checks for finished rows (compaction, early stop)
 COMPACT_FRACTION = 8  # compact once finished rows are at least 1/8 of the running batch
@@ -337,8 +338,6 @@ class MegatronSampler:
         Returns right-padded :class:`Rollouts` in prompt order, on every TP and PP rank. Rows
         run in ``max_batch_size`` micro-batches of similar prompt length.
         """
-        from copd_mega.pipeline_step import share_from_last_stage
-
         params.check(self.vocab_size)
         check_prompts(prompts, self.vocab_size, params.max_new_tokens, self.max_seq_length)
         dev = next(self.gpt.parameters()).device
@@ -357,15 +356,15 @@ class MegatronSampler:
                     draws = row_uniforms(seed, self.topo.dp_rank, rows, params.max_new_tokens)
                     batch = pack_prompts([prompts[j] for j in rows], params, draws)
                     batch.tokens = batch.tokens.to(dev)
-                    share = lambda x: share_from_last_stage(x, self.topo)  # noqa: E731
-                    parts.append(self._micro_batch(batch, params, share, stats))
+                    parts.append(self._micro_batch(batch, params, stats))
         finally:
             self.model.train(was_training)
         self.last_stats = stats
         return _reorder(_concat(parts, params.pad_id), order)
 
-    def _micro_batch(self, batch: PromptBatch, params: SamplingParams, share, stats) -> Rollouts:
-        from copd_mega.pipeline_step import GPTStep
+    def _micro_batch(self, batch: PromptBatch, params: SamplingParams, stats: dict) -> Rollouts:
+        def share(x: Tensor) -> None:
+            share_from_last_stage(x, self.topo)
 
         b, length = batch.tokens.shape
         step = GPTStep(self.gpt, self.topo, b, length, self.use_kv_cache)
