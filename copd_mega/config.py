@@ -139,6 +139,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
     tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
+    max_batch_size: int = 64  # sequences per generation micro-batch (its KV cache's rows)
 
 
 @dataclass
@@ -500,6 +501,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
+    if cfg.rollout.max_batch_size < 1:
+        raise ConfigError(
+            f"rollout.max_batch_size={cfg.rollout.max_batch_size} must be >= 1: it is the "
+            "number of sequences per generation micro-batch (the KV cache holds that many rows)"
+        )
     if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:
         raise ConfigError("schedule.rl_steps and schedule.opd_steps must be >= 0")
     if cfg.opd.top_k > m.vocab_size:
