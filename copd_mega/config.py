@@ -127,6 +127,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
+    max_batch_size: int = 64  # sequences per generation micro-batch (KV cache sized for this many)
 
 
 @dataclass
@@ -161,6 +162,9 @@ class DataConfig:
     n_eval: int = 64
     seed: int = 1234
     prompt_template: str = "{prompt}"
+    # Longest prompt in model positions (text tokens + image/frame tokens); a longer prompt is an
+    # error at generation. 0: the built-in capabilities' own bound (data.dir empty only).
+    max_prompt_tokens: int = 0
 
 
 @dataclass
@@ -344,6 +348,7 @@ def validate(cfg: Config) -> None:
         "model.max_seq_length", "parallel.tp", "parallel.pp", "parallel.dp",
         "parallel.micro_batch_size", "grpo.group_size", "grpo.updates_per_batch",
         "rollout.prompts_per_step", "rollout.max_new_tokens", "opd.top_k", "schedule.cycles",
+        "rollout.max_batch_size",
     ]  # fmt: skip
     for dotted in positive:
         if _get(cfg, dotted) <= 0:
@@ -375,6 +380,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.data.max_prompt_tokens < 0:
+        raise ConfigError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be >= 0")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
     if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:
