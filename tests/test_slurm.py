@@ -27,7 +27,8 @@ CAPS = ["arith", "reverse"]
 # at a real branch shape: 2 branches x TP2 x PP2 = 8 gloo processes on any machine. Branch
 # names (and the text hub) are the config's own.
 CPU_OVERRIDES = [
-    "branches=[" + ", ".join(f"{{name: {n}, data: {c}}}" for n, c in zip(NAMES, CAPS)) + "]",
+    "branches=[" + ", ".join(f"{{name: {n}, data: {c}}}" for n, c in zip(NAMES, CAPS, strict=True))
+    + "]",
     "vision.enabled=false", "data.dir=", "data.max_prompt_tokens=0",
     "parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "parallel.micro_batch_size=4",
     "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
