@@ -127,7 +127,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
-    max_batch_size: int = 64  # sequences per generation micro-batch (KV cache sized for this many)
+    max_batch_size: int = 64  # sequences per generation micro-batch (its KV cache's rows)
 
 
 @dataclass
@@ -348,7 +348,6 @@ def validate(cfg: Config) -> None:
         "model.max_seq_length", "parallel.tp", "parallel.pp", "parallel.dp",
         "parallel.micro_batch_size", "grpo.group_size", "grpo.updates_per_batch",
         "rollout.prompts_per_step", "rollout.max_new_tokens", "opd.top_k", "schedule.cycles",
-        "rollout.max_batch_size",
     ]  # fmt: skip
     for dotted in positive:
         if _get(cfg, dotted) <= 0:
@@ -384,6 +383,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be >= 0")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
+    if cfg.rollout.max_batch_size < 1:
+        raise ConfigError(
+            f"rollout.max_batch_size={cfg.rollout.max_batch_size} must be >= 1: it is the "
+            "number of sequences per generation micro-batch (the KV cache holds that many rows)"
+        )
     if cfg.schedule.rl_steps < 0 or cfg.schedule.opd_steps < 0:
         raise ConfigError("schedule.rl_steps and schedule.opd_steps must be >= 0")
     if cfg.opd.top_k > m.vocab_size:

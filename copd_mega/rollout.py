@@ -5,34 +5,38 @@ a GPU engine (megatron's dynamic engine, vLLM) can replace :class:`MegatronSampl
 
 How :class:`MegatronSampler` works (it follows megatron's static-batching text generation):
 
+* **Micro-batches:** the rows of a call are sorted by prompt length and generated
+  ``rollout.max_batch_size`` at a time; each micro-batch's KV cache holds its rows x (its longest
+  prompt + ``max_new_tokens``) positions, never all rows of the call.
 * **Variable prompt lengths: right padding, stepped through.** Prompts sit right-padded in one
   ``[b, max_prompt + max_new_tokens]`` buffer, so every row's token t is at cache position t.
   (megatron's RoPE takes positions from the cache offset, not ``position_ids``, so left padding
-  would shift the rotary phase.) The prefill runs the shortest prompt length ``min_len`` in one
-  forward (causal mask); after that the model takes one position per forward: a row still inside
-  its prompt is fed its own prompt token (its sample is discarded), the other rows feed their
-  last sampled token. No attention mask is needed and each row sees exactly its own prefix.
-* **KV cache:** megatron's ``StaticInferenceContext``. Prefill mode while any row still consumes
-  prompt tokens, decode mode once all rows generate; ``increment_sequence_len_offset`` by the
-  tokens fed after each forward; the model is called with ``runtime_gather_output=True`` and
-  returns only the last position's full-vocabulary logits, on every TP rank. Once the offset
-  is past 0 megatron drops the causal mask, so every forward after the prefill must feed exactly
-  one position; that and the offset bookkeeping are what keep cached output equal to a full
-  recompute (the modes themselves only switch flash-decode / CUDA-graph paths).
-* **Same token on every TP rank:** every TP rank of a branch samples with a ``torch.Generator``
-  seeded identically from ``(seed, dp_rank)``, from identical all-gathered logits; the sampled
-  ids are then broadcast from TP rank 0 so the ranks can never diverge (a divergent EOS would
-  leave ranks in different numbers of forwards and hang the TP collectives). DP ranks generate
-  their own prompts with different streams (the seed mixes in ``dp_rank``).
+  would shift the rotary phase.) The prefill runs the shortest prompt length in one forward
+  (causal mask); after that the model takes one position per forward: a row still inside its
+  prompt is fed its own prompt token (its sample is discarded), the other rows feed their last
+  sampled token. No attention mask is needed and each row sees exactly its own prefix.
+* **KV cache and pipeline stages:** :class:`copd_mega.pipeline_step.GPTStep` runs each forward
+  through the branch's PP stages (hidden states sent stage to stage, every stage caching its own
+  layers in megatron's ``StaticInferenceContext``); the last stage returns full-vocabulary logits
+  (``runtime_gather_output``) on every TP rank and samples.
+* **Same tokens on every rank of the replica:** the last stage's TP rank 0 broadcasts the sampled
+  ids and their log-probs to every TP x PP rank of its replica, in one collective per position;
+  every rank then updates the same buffers, so the :class:`Rollouts` are valid on every rank.
+* **Compaction:** every ``CHECK_EVERY`` positions (the only host syncs of the loop) rows that
+  ended (EOS or length) are dropped from the running batch and from every stage's KV cache once
+  they are at least ``1/COMPACT_FRACTION`` of it, so they stop costing compute; all rows done
+  ends the micro-batch.
+* **Randomness independent of batching:** row i's draw at response position k uses its own
+  uniform ``U[i, k]`` (:func:`row_uniforms`: seeded by the call's seed, the DP rank and the row's
+  index in the call) through the inverse CDF of the filtered distribution. So the tokens do not
+  depend on micro-batch size, compaction, TP or PP: only on seed, prompts and logits.
 * **Sampler log-probs** (diagnostics; the trainer recomputes old log-probs with a forward pass):
   log-softmax of the *plain model distribution at temperature 1* over the real vocabulary,
   gathered at the sampled token, whatever temperature/top-k/top-p was used to draw it. This is
-  what ``copd_mega.logprobs.response_logprobs`` recomputes, so the two compare directly
-  (KV-cache vs full-forward mismatch).
-* PP > 1 is refused at construction; eval mode and ``torch.no_grad`` during generation (not
-  ``inference_mode``, as a precaution: megatron's RoPE memoises its tables with ``lru_cache``
-  and training reuses them, so generation should not leave inference tensors there); the
-  model's train/eval mode is restored afterwards.
+  what ``copd_mega.logprobs.response_logprobs`` recomputes, so the two compare directly.
+* Eval mode and ``torch.no_grad`` during generation (not ``inference_mode``, as a precaution:
+  megatron's RoPE memoises its tables with ``lru_cache`` and training reuses them); the model's
+  train/eval mode is restored afterwards.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
+
+CHECK_EVERY = 8  # positions between host checks for finished rows (compaction, early stop)
+COMPACT_FRACTION = 8  # compact once finished rows are at least 1/8 of the running batch
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ class SamplingParams:
 class Rollouts:
     """Generated sequences, right-padded, one row per prompt (in the order the prompts came).
 
-    All tensors on the model's device. Valid on every rank of the branch that generated them (every TP rank holds the same rows).
+    All tensors on the model's device. Valid on every rank (every TP and PP rank) of the model
+    replica that generated them.
     """
 
     tokens: Tensor  # [N, L] long: prompt + response, pad_id after ``lengths``
@@ -113,17 +120,18 @@ class RolloutEngine(Protocol):
 
 
 def sample_tokens(
-    logits: Tensor, vocab_size: int, params: SamplingParams, generator: torch.Generator
+    logits: Tensor, vocab_size: int, params: SamplingParams, uniforms: Tensor
 ) -> Tensor:
     """Draw one token per row from full-vocabulary logits.
 
     Args:
         logits: [b, V_pad] float (rows >= ``vocab_size`` are padding, never drawn).
-        generator: the sampling stream (same device as ``logits``); unused when greedy.
+        uniforms: [b] float64 in [0, 1), one per row (same device); unused when greedy.
 
     Returns:
         [b] long ids. Greedy (argmax, first of ties) at ``temperature == 0``; otherwise
-        temperature, then top-k, then top-p (smallest set whose mass reaches ``top_p``).
+        temperature, then top-k, then top-p (smallest set whose mass reaches ``top_p``), then
+        the inverse CDF at ``uniforms`` (a token of probability 0 is never drawn).
     """
     x = logits[:, :vocab_size].float()  # padding rows dropped: ids below stay the same
     if params.temperature == 0:
@@ -138,8 +146,11 @@ def sample_tokens(
         # Drop a token when the mass before it already reaches top_p (the first always stays).
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = torch.softmax(x, dim=-1).double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the first index whose CDF exceeds it has positive mass.
+    target = torch.minimum(uniforms.double()[:, None] * total, total.nextafter(total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def model_logprob(logits: Tensor, tokens: Tensor, vocab_size: int) -> Tensor:
@@ -149,13 +160,35 @@ def model_logprob(logits: Tensor, tokens: Tensor, vocab_size: int) -> Tensor:
 
 
 def stream_seed(seed: int, dp_rank: int) -> int:
-    """The sampling generator's seed: the caller's seed, distinct per DP rank, same over TP."""
+    """The sampling streams' base seed: the caller's seed, distinct per DP rank, same over TP/PP."""
     return (seed * 1_000_003 + 7919 * dp_rank) % (2**63)
+
+
+def row_uniforms(seed: int, dp_rank: int, rows: list[int], n: int) -> Tensor:
+    """``[len(rows), n]`` float64 CPU uniforms: row ``rows[k]``'s draws for response positions
+    0..n-1, from a generator seeded by (seed, dp_rank, row index); the same on every TP/PP rank."""
+    base = stream_seed(seed, dp_rank)
+    out = torch.empty(len(rows), n, dtype=torch.float64)
+    for k, row in enumerate(rows):
+        gen = torch.Generator().manual_seed((base + 104_729 * (row + 1)) % (2**63))
+        out[k] = torch.rand(n, generator=gen, dtype=torch.float64)
+    return out
 
 
 # ----------------------------------------------------------------------------- the decode loop
 
-StepFn = Callable[[int, int, bool], Tensor]  # (start, end, decode) -> [b, V_pad] logits at end-1
+
+class Step(Protocol):
+    """A model forward of the running rows (see :func:`decode_loop`)."""
+
+    def __call__(
+        self, tokens: Tensor, rows: Tensor, start: int, end: int, decode: bool
+    ) -> Tensor | None: ...
+
+    def compact(self, keep: Tensor) -> None: ...
+
+
+ShareFn = Callable[[Tensor], None]  # in-place broadcast from the sampling rank to the replica
 
 
 @dataclass
@@ -164,53 +197,77 @@ class PromptBatch:
 
     tokens: Tensor  # [b, L] long, right-padded prompts, pad_id elsewhere
     prompt_lens: Tensor  # [b] long
+    uniforms: Tensor  # [b, max_new_tokens] float64: each row's sampling draws
 
 
-def pack_prompts(prompts: list[list[int]], params: SamplingParams) -> PromptBatch:
+def pack_prompts(prompts: list[list[int]], params: SamplingParams, uniforms: Tensor) -> PromptBatch:
     """Right-pad ``prompts`` into a CPU ``[b, max_prompt + max_new_tokens]`` buffer of pad_id."""
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     buf = torch.full((len(prompts), int(lens.max()) + params.max_new_tokens), params.pad_id)
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    return PromptBatch(buf, lens)
+    return PromptBatch(buf, lens, uniforms)
 
 
 def decode_loop(
     batch: PromptBatch,
-    step: StepFn,
+    step: Step,
     params: SamplingParams,
     vocab_size: int,
-    generator: torch.Generator,
-    tp_group: dist.ProcessGroup | None,
+    share: ShareFn | None = None,
+    compact: bool = True,
+    stats: dict | None = None,
 ) -> Rollouts:
-    """Fill ``batch.tokens`` position by position from ``step``'s logits (see module docstring).
+    """Fill ``batch.tokens`` position by position from ``step``'s logits (module docstring).
 
-    ``step(start, end, decode)`` must feed ``tokens[:, start:end]`` (all of ``[:end]`` when it has
-    no cache) and return the logits at position ``end - 1``. Every TP rank must call this.
+    ``step(tokens, rows, start, end, decode)`` feeds ``tokens[rows, start:end]`` of the running
+    ``rows`` (all of ``[:end]`` when it has no cache) and returns the logits ``[n, V_pad]`` at
+    ``end - 1`` on the sampling rank (None elsewhere); ``step.compact(keep)`` keeps running rows
+    ``keep``. ``share`` broadcasts the sampled ``[2, n]`` float64 (ids, log-probs) in place.
+    Every rank of the replica calls this; ``stats`` (if given) counts ``forwards`` and
+    ``row_forwards`` (running rows summed over forwards).
     """
-    buf, plen = batch.tokens, batch.prompt_lens.to(batch.tokens.device)
+    buf, dev = batch.tokens, batch.tokens.device
+    plen, draws = batch.prompt_lens.to(dev), batch.uniforms.to(dev)
     b, total = buf.shape
-    logprobs = torch.zeros(b, total, dtype=torch.float32, device=buf.device)
-    lengths, done = plen.clone(), torch.zeros(b, dtype=torch.bool, device=buf.device)
+    logprobs = torch.zeros(b, total, dtype=torch.float32, device=dev)
+    lengths, done = plen.clone(), torch.zeros(b, dtype=torch.bool, device=dev)
     last = plen + params.max_new_tokens  # exclusive end of each row's response
+    rows = torch.arange(b, device=dev)
     start, max_plen = int(plen.min()), int(plen.max())
     fed = 0
     for t in range(start, total):
         # ``t`` is the position being filled; the forward feeds positions [fed, t).
-        logits = step(fed, t, t - 1 >= max_plen)
-        fed = t
-        tok = sample_tokens(logits, vocab_size, params, generator)
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.broadcast(tok, group=tp_group, group_src=0)
-        gen = (t >= plen) & ~done
-        buf[:, t] = torch.where(gen, tok, buf[:, t])
-        logprobs[:, t] = torch.where(gen, model_logprob(logits, tok, vocab_size), 0.0)
-        lengths += gen.long()
+        logits = step(buf, rows, fed, t, t - 1 >= max_plen)
+        fed, n, p = t, rows.numel(), plen[rows]
+        out = torch.zeros(2, n, dtype=torch.float64, device=dev)
+        if logits is not None:
+            u = draws[rows, (t - p).clamp(0, params.max_new_tokens - 1)]
+            tok = sample_tokens(logits, vocab_size, params, u)
+            out[0], out[1] = tok, model_logprob(logits, tok, vocab_size)
+        if share is not None:
+            share(out)
+        tok, lp = out[0].long(), out[1].float()
+        gen = (t >= p) & ~done[rows]
+        buf[rows, t] = torch.where(gen, tok, buf[rows, t])
+        logprobs[rows, t] = torch.where(gen, lp, 0.0)
+        lengths[rows] += gen.long()
+        ended = gen & (t + 1 >= last[rows])
         if params.eos_id is not None:
-            done |= gen & (tok == params.eos_id)
-        done |= gen & (t + 1 >= last)
-        if bool(done.all()):
-            break
+            ended |= gen & (tok == params.eos_id)
+        done[rows] |= ended
+        if stats is not None:
+            stats["forwards"] = stats.get("forwards", 0) + 1
+            stats["row_forwards"] = stats.get("row_forwards", 0) + n
+        if (t - start) % CHECK_EVERY == CHECK_EVERY - 1:
+            live = ~done[rows]
+            n_live = int(live.sum())  # the host sync, once per CHECK_EVERY positions
+            if n_live == 0:
+                break
+            if compact and (n - n_live) * COMPACT_FRACTION >= n:
+                keep = live.nonzero().squeeze(1)
+                rows = rows[keep]
+                step.compact(keep)
     end = int(lengths.max())
     return Rollouts(buf[:, :end], plen, lengths, logprobs[:, :end])
 
@@ -227,11 +284,29 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class MegatronSampler:
-    """Batched generation on this rank's branch model (``RolloutEngine``).
+def check_prompts(prompts: list[list[int]], vocab_size: int, extra: int, limit: int) -> None:
+    """Raise ValueError for an empty prompt, an id outside the vocabulary, or a prompt that
+    with ``extra`` more positions (``max_new_tokens``) exceeds ``limit`` (max_seq_length)."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, model.vocab_size={vocab_size})")
+    longest = max((len(p) for p in prompts), default=0) + extra
+    if longest > limit:
+        raise ValueError(
+            f"longest prompt + rollout.max_new_tokens = {longest} exceeds "
+            f"model.max_seq_length={limit}; shorten the prompts, lower "
+            "rollout.max_new_tokens or raise model.max_seq_length"
+        )
 
-    Every TP rank of a DP replica calls :meth:`generate` with the same prompts and seed and gets
-    the same :class:`Rollouts`. Requires ``parallel.pp=1``.
+
+class MegatronSampler:
+    """Batched generation on this rank's branch model (``RolloutEngine``), any TP x PP.
+
+    Every TP and PP rank of a DP replica calls :meth:`generate` with the same prompts and seed
+    and gets the same :class:`Rollouts`. ``last_stats`` describes the last call: micro-batches,
+    the largest KV cache (rows, positions) and the forwards run.
     """
 
     def __init__(
@@ -239,107 +314,70 @@ class MegatronSampler:
         model: torch.nn.Module,
         topo: Topology,
         cfg: Config,
-        max_batch_size: int = 0,
+        max_batch_size: int | None = None,
         use_kv_cache: bool = True,
+        compact: bool = True,
     ) -> None:
-        """``model``: a bare GPTModel or its DDP wrapper. ``max_batch_size``: prompts per
-        forward batch (0 = all at once). ``use_kv_cache=False`` recomputes the whole prefix at
-        every step (the reference the tests and the benchmark compare against)."""
-        if topo.layout.pp > 1:
-            raise ValueError(
-                f"MegatronSampler needs parallel.pp=1, got parallel.pp={topo.layout.pp}: the "
-                "built-in sampler does not pipeline generation across stages. Set parallel.pp=1 "
-                "(use TP for larger models) or plug in another RolloutEngine."
-            )
+        """``model``: a bare GPTModel (this PP stage's chunk) or its DDP wrapper.
+        ``max_batch_size``: rows per generation micro-batch (None: ``rollout.max_batch_size``).
+        ``use_kv_cache=False`` recomputes the whole prefix at every step and ``compact=False``
+        keeps finished rows in the running batch (the references tests and benchmark use)."""
+        size = cfg.rollout.max_batch_size if max_batch_size is None else max_batch_size
+        if size < 1:
+            raise ValueError(f"rollout.max_batch_size={size} must be >= 1 (rows per micro-batch)")
         self.model, self.gpt, self.topo = model, _unwrap(model), topo
         self.vocab_size = cfg.model.vocab_size
         self.max_seq_length = cfg.model.max_seq_length
-        self.max_batch_size, self.use_kv_cache = max_batch_size, use_kv_cache
+        self.max_batch_size, self.use_kv_cache, self.compact = size, use_kv_cache, compact
+        self.last_stats: dict = {}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Rollouts:
         """Sample a response for every prompt (lists of token ids, each non-empty).
 
-        Returns right-padded :class:`Rollouts` in prompt order, on every TP rank. Long batches
-        are split into ``max_batch_size`` groups of similar prompt length.
+        Returns right-padded :class:`Rollouts` in prompt order, on every TP and PP rank. Rows
+        run in ``max_batch_size`` micro-batches of similar prompt length.
         """
-        self._check(prompts, params)
+        from copd_mega.pipeline_step import share_from_last_stage
+
+        params.check(self.vocab_size)
+        check_prompts(prompts, self.vocab_size, params.max_new_tokens, self.max_seq_length)
+        dev = next(self.gpt.parameters()).device
         if not prompts:
-            empty = torch.empty(0, 0, dtype=torch.long, device=self._device())
+            empty = torch.empty(0, 0, dtype=torch.long, device=dev)
             return Rollouts(empty, empty[:, 0], empty[:, 0], empty.float())
-        gen = torch.Generator(device=self._device())
-        gen.manual_seed(stream_seed(seed, self.topo.dp_rank))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        size = self.max_batch_size or max(len(prompts), 1)
+        stats: dict = {"micro_batches": 0, "cache_rows": 0, "cache_len": 0}
         parts = []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for i in range(0, len(order), size):
-                    batch = pack_prompts([prompts[j] for j in order[i : i + size]], params)
-                    batch.tokens = batch.tokens.to(self._device())
-                    parts.append(self._generate_batch(batch, params, gen))
+                for i in range(0, len(order), self.max_batch_size):
+                    rows = order[i : i + self.max_batch_size]
+                    draws = row_uniforms(seed, self.topo.dp_rank, rows, params.max_new_tokens)
+                    batch = pack_prompts([prompts[j] for j in rows], params, draws)
+                    batch.tokens = batch.tokens.to(dev)
+                    share = lambda x: share_from_last_stage(x, self.topo)  # noqa: E731
+                    parts.append(self._micro_batch(batch, params, share, stats))
         finally:
             self.model.train(was_training)
+        self.last_stats = stats
         return _reorder(_concat(parts, params.pad_id), order)
 
-    def _device(self) -> torch.device:
-        return next(self.gpt.parameters()).device
+    def _micro_batch(self, batch: PromptBatch, params: SamplingParams, share, stats) -> Rollouts:
+        from copd_mega.pipeline_step import GPTStep
 
-    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        params.check(self.vocab_size)
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise ValueError(
-                    f"prompt {i} has token ids outside [0, model.vocab_size={self.vocab_size})"
-                )
-        longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
-        if longest > self.max_seq_length:
-            raise ValueError(
-                f"longest prompt + rollout.max_new_tokens = {longest} exceeds "
-                f"model.max_seq_length={self.max_seq_length}; shorten the prompts, lower "
-                "rollout.max_new_tokens or raise model.max_seq_length"
-            )
-
-    def _generate_batch(
-        self, batch: PromptBatch, params: SamplingParams, gen: torch.Generator
-    ) -> Rollouts:
-        step = self._kv_step(batch.tokens) if self.use_kv_cache else self._full_step(batch.tokens)
-        return decode_loop(batch, step, params, self.vocab_size, gen, self.topo.pg.tp)
-
-    def _kv_step(self, tokens: Tensor) -> StepFn:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        b, total = tokens.shape
-        ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
-        ctx.reset()
-
-        def step(start: int, end: int, decode: bool) -> Tensor:
-            if decode:
-                ctx.enable_decode_mode()
-            else:
-                ctx.enable_prefill_mode()
-            pos = torch.arange(start, end, device=tokens.device).expand(b, -1)
-            logits = self.gpt(
-                tokens[:, start:end], pos, None,
-                inference_context=ctx, runtime_gather_output=True,
-            )  # fmt: skip
-            ctx.increment_sequence_len_offset(end - start)
-            return logits[:, -1]
-
-        return step
-
-    def _full_step(self, tokens: Tensor) -> StepFn:
-        b = tokens.shape[0]
-
-        def step(start: int, end: int, decode: bool) -> Tensor:
-            pos = torch.arange(end, device=tokens.device).expand(b, -1)
-            logits = self.gpt(tokens[:, :end], pos, None, runtime_gather_output=True)
-            return logits[:, -1]
-
-        return step
+        b, length = batch.tokens.shape
+        step = GPTStep(self.gpt, self.topo, b, length, self.use_kv_cache)
+        try:
+            out = decode_loop(batch, step, params, self.vocab_size, share, self.compact, stats)
+        finally:
+            rows, positions = step.cache_shape()
+            stats["micro_batches"] += 1
+            stats["cache_rows"] = max(stats["cache_rows"], rows)
+            stats["cache_len"] = max(stats["cache_len"], positions)
+            step.close()
+        return out
 
 
 def full_recompute_generate(
@@ -354,7 +392,8 @@ def full_recompute_generate(
 
     Same sampling, seeding and layout as :class:`MegatronSampler` (tests and benchmarks).
     """
-    return MegatronSampler(model, topo, cfg, use_kv_cache=False).generate(prompts, params, seed)
+    sampler = MegatronSampler(model, topo, cfg, use_kv_cache=False)
+    return sampler.generate(prompts, params, seed)
 
 
 # ----------------------------------------------------------------------------- batching helpers

@@ -22,14 +22,14 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
+from copd_mega.pipeline_step import share_from_last_stage
 from copd_mega.rollout import (
     PromptBatch,
     Rollouts,
     SamplingParams,
-    StepFn,
     decode_loop,
     pack_prompts,
-    stream_seed,
+    row_uniforms,
 )
 
 
@@ -74,34 +74,45 @@ class VLMSampler:
         if not prompts:
             empty = torch.empty(0, 0, dtype=torch.long, device=dev)
             return Rollouts(empty, empty[:, 0], empty[:, 0], empty.float())
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(stream_seed(seed, self.topo.dp_rank))
-        batch = pack_prompts(prompts, params)
+        draws = row_uniforms(seed, self.topo.dp_rank, list(range(len(prompts))),
+                             params.max_new_tokens)  # fmt: skip
+        batch = pack_prompts(prompts, params, draws)
         batch.tokens = batch.tokens.to(dev)
+        share = lambda x: share_from_last_stage(x, self.topo)  # noqa: E731
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 step = self._full_step(batch, media, params.pad_id)
-                return decode_loop(batch, step, params, self.vocab_size, gen, self.topo.pg.tp)
+                return decode_loop(batch, step, params, self.vocab_size, share, compact=False)
         finally:
             self.model.train(was_training)
 
-    def _full_step(self, batch: PromptBatch, media: list[list[Tensor]], pad_id: int) -> StepFn:
+    def _full_step(self, batch: PromptBatch, media: list[list[Tensor]], pad_id: int):
+        return _FullStep(self, media, pad_id)
+
+
+class _FullStep:
+    """Full-recompute VLM forward: the whole prefix, media included, at every position."""
+
+    def __init__(self, sampler: VLMSampler, media: list[list[Tensor]], pad_id: int):
+        self.s, self.media, self.pad_id = sampler, media, pad_id
+
+    def __call__(self, tokens: Tensor, rows: Tensor, start: int, end: int, decode: bool):
         from copd_mega.vlm import prepare_inputs
 
-        tokens = batch.tokens
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        s = self.s
+        media = [self.media[i] for i in rows.tolist()]
+        vb = prepare_inputs(s.cfg, tokens[rows, :end].tolist(), media, s.image_id, self.pad_id,
+                            tokens.device)  # fmt: skip
+        out, _ = s.llava(**vb.forward_kwargs(), runtime_gather_output=True)
+        idx = torch.arange(rows.numel(), device=tokens.device)
+        logits = out[idx, vb.text_positions[:, end - 1]].float()
+        logits[:, s.image_id] = float("-inf")
+        return logits
 
-        def step(start: int, end: int, decode: bool) -> Tensor:
-            vb = prepare_inputs(self.cfg, tokens[:, :end].tolist(), media, self.image_id,
-                                pad_id, tokens.device)  # fmt: skip
-            out, _ = self.llava(**vb.forward_kwargs(), runtime_gather_output=True)
-            logits = out[rows, vb.text_positions[:, end - 1]].float()
-            logits[:, self.image_id] = float("-inf")
-            return logits
-
-        return step
+    def compact(self, keep: Tensor) -> None:
+        pass  # rows are re-selected at every forward
 
 
 def make_sampler(model: torch.nn.Module, topo: Topology, cfg: Config, codec):
@@ -111,4 +122,4 @@ def make_sampler(model: torch.nn.Module, topo: Topology, cfg: Config, codec):
 
     if cfg.vision.enabled:
         return VLMSampler(model, topo, cfg, codec.image)
-    return MegatronSampler(model, topo, cfg)
+    return MegatronSampler(model, topo, cfg, max_batch_size=cfg.rollout.max_batch_size)

@@ -1,4 +1,7 @@
-"""copd_mega.rollout: the sampling rules and decode loop (pure), then the Megatron sampler on gloo."""
+"""copd_mega.rollout: the sampling rules and decode loop (pure), then the Megatron sampler on gloo.
+
+Pipeline-parallel generation, micro-batches and compaction at TP x PP: ``test_rollout_pp.py``.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from copd_mega.rollout import (
     SamplingParams,
     decode_loop,
     pack_prompts,
+    row_uniforms,
     sample_tokens,
-    stream_seed,
 )
 from multiproc import spawn
 
@@ -27,6 +30,10 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def unif(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, generator=gen(seed), dtype=torch.float64)
+
+
 # --- sampling rules --------------------------------------------------------------------------
 
 
@@ -34,35 +41,50 @@ def test_padding_rows_are_never_sampled():
     logits = torch.zeros(64, V + 4)
     logits[:, V:] = 100.0
     for p in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
-        assert sample_tokens(logits, V, p, gen()).max() < V
+        assert sample_tokens(logits, V, p, unif(64)).max() < V
 
 
 def test_greedy_topk1_and_tiny_topp_pick_the_argmax():
     logits = torch.randn(32, V, generator=gen(1))
     best = logits.argmax(-1)
-    assert torch.equal(sample_tokens(logits, V, SamplingParams(temperature=0), gen()), best)
-    assert torch.equal(sample_tokens(logits, V, SamplingParams(top_k=1), gen()), best)
-    assert torch.equal(sample_tokens(logits, V, SamplingParams(top_p=1e-6), gen()), best)
+    u = unif(32)
+    assert torch.equal(sample_tokens(logits, V, SamplingParams(temperature=0), u), best)
+    assert torch.equal(sample_tokens(logits, V, SamplingParams(top_k=1), u), best)
+    assert torch.equal(sample_tokens(logits, V, SamplingParams(top_p=1e-6), u), best)
 
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.randn(1, V, generator=gen(2)).expand(4000, V)
     top3 = set(logits[0].topk(3).indices.tolist())
-    drawn = sample_tokens(logits, V, SamplingParams(top_k=3, temperature=2.0), gen())
+    drawn = sample_tokens(logits, V, SamplingParams(top_k=3, temperature=2.0), unif(4000))
     assert set(drawn.tolist()) == top3  # all three show up, nothing else
     probs = torch.softmax(logits[0], -1)
     order = probs.argsort(descending=True)
     # smallest prefix whose mass reaches 0.5
     n = int((probs[order].cumsum(0) < 0.5).sum()) + 1
-    drawn = sample_tokens(logits, V, SamplingParams(top_p=0.5), gen())
+    drawn = sample_tokens(logits, V, SamplingParams(top_p=0.5), unif(4000))
     assert set(drawn.tolist()) == set(order[:n].tolist())
 
 
-def test_same_seed_same_draws_and_dp_streams_differ():
-    logits = torch.randn(16, V, generator=gen(3))
-    p = SamplingParams(temperature=1.0)
-    assert torch.equal(sample_tokens(logits, V, p, gen(7)), sample_tokens(logits, V, p, gen(7)))
-    assert len({stream_seed(5, dp) for dp in range(8)}) == 8
+def test_inverse_cdf_follows_the_distribution_and_skips_zero_mass():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0])
+    logits = probs.log().expand(7, -1)
+    u = torch.tensor([0.0, 0.2, 0.26, 0.5, 0.74, 0.76, 1.0 - 2**-53], dtype=torch.float64)
+    drawn = sample_tokens(logits, 6, SamplingParams(temperature=1.0), u)
+    assert drawn.tolist() == [1, 1, 3, 3, 3, 4, 4]
+    # the empirical distribution matches
+    many = sample_tokens(logits[:1].expand(20000, -1), 6, SamplingParams(), unif(20000))
+    freq = torch.bincount(many, minlength=6).double() / 20000
+    assert (freq - probs.double()).abs().max() < 0.015
+
+
+def test_row_uniforms_are_per_row_streams():
+    a = row_uniforms(5, 0, [0, 1, 2, 3], 8)
+    assert torch.equal(row_uniforms(5, 0, [2, 0], 8), a[[2, 0]])  # a row's draws: its own
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(row_uniforms(5, 1, [0], 8)[0], a[0])  # DP ranks differ
+    assert not torch.equal(row_uniforms(6, 0, [0], 8)[0], a[0])  # seeds differ
+    assert a.dtype == torch.float64 and ((a >= 0) & (a < 1)).all()
 
 
 def test_sampling_params_errors_name_the_setting():
@@ -77,30 +99,43 @@ def test_sampling_params_errors_name_the_setting():
     assert (p.top_k, p.temperature, p.eos_id, p.max_new_tokens) == (5, 0.7, 2, 16)
 
 
-def test_pp2_is_refused_at_construction():
-    topo = SimpleNamespace(layout=SimpleNamespace(pp=2))
-    with pytest.raises(ValueError, match="parallel.pp=1"):
-        MegatronSampler(torch.nn.Linear(1, 1), topo, load_config(None, []))
+def test_max_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="rollout.max_batch_size=0"):
+        MegatronSampler(torch.nn.Linear(1, 1), SimpleNamespace(), load_config(None, []), 0)
 
 
 # --- the decode loop with a toy model (next token = prefix sum mod V) ------------------------
 
 
-def toy_steps(tokens: torch.Tensor):
-    """A cached and a full-recompute step function of the same toy model."""
-    state = torch.zeros(tokens.shape[0], dtype=torch.long)
+TABLE = torch.randn(V, V + 4, generator=gen(9)) * 3  # toy logits, a function of the prefix sum
 
-    def onehot(ids):
-        return torch.nn.functional.one_hot(ids % V, V + 4).float() * 10
 
-    def cached(start, end, decode):
-        state.add_(tokens[:, start:end].sum(1))  # sees every fed position exactly once
-        return onehot(state)
+class ToyStep:
+    """Toy model: logits = TABLE[prefix sum mod V] (one-hot x 10 when ``peaked``). ``cached``
+    keeps a running sum per running row (like a KV cache: it must see every position exactly
+    once and follow compaction); otherwise the whole prefix is summed at every call."""
 
-    def full(start, end, decode):
-        return onehot(tokens[:, :end].sum(1))
+    def __init__(self, b: int, cached: bool, peaked: bool = True):
+        self.state, self.cached, self.peaked = torch.zeros(b, dtype=torch.long), cached, peaked
+        self.calls: list[tuple[int, int, int, bool]] = []
 
-    return cached, full
+    def __call__(self, tokens, rows, start, end, decode):
+        self.calls.append((rows.numel(), start, end, decode))
+        if self.cached:
+            self.state.add_(tokens[rows, start:end].sum(1))
+            ids = self.state
+        else:
+            ids = tokens[rows, :end].sum(1)
+        if self.peaked:
+            return torch.nn.functional.one_hot(ids % V, V + 4).float() * 10
+        return TABLE[ids % V]
+
+    def compact(self, keep):
+        self.state = self.state[keep]
+
+
+def toy_draws(prompts, params, seed=0):
+    return row_uniforms(seed, 0, list(range(len(prompts))), params.max_new_tokens)
 
 
 def expected_toy(prompt: list[int], n: int, eos: int | None) -> list[int]:
@@ -116,10 +151,9 @@ def expected_toy(prompt: list[int], n: int, eos: int | None) -> list[int]:
 def test_decode_loop_variable_lengths_eos_and_padding(eos):
     prompts = [[3], [1, 2, 3, 4, 5], [9, 9], [4, 0, 6]]
     params = SamplingParams(max_new_tokens=6, temperature=0, eos_id=eos, pad_id=V - 1)
-    for which in (0, 1):
-        batch = pack_prompts(prompts, params)
-        step = toy_steps(batch.tokens)[which]
-        r = decode_loop(batch, step, params, V, gen(), None)
+    for cached in (True, False):
+        batch = pack_prompts(prompts, params, toy_draws(prompts, params))
+        r = decode_loop(batch, ToyStep(len(prompts), cached), params, V)
         for i, p in enumerate(prompts):
             want = expected_toy(p, 6, eos)
             n = int(r.lengths[i])
@@ -132,14 +166,43 @@ def test_decode_loop_variable_lengths_eos_and_padding(eos):
 
 
 def test_decode_loop_feeds_one_position_per_step_after_prefill():
-    calls = []
-    batch = PromptBatch(torch.zeros(2, 9, dtype=torch.long), torch.tensor([3, 5]))
-    step = lambda s, e, d: calls.append((s, e, d)) or torch.zeros(2, V)  # noqa: E731
-    decode_loop(batch, step, SamplingParams(max_new_tokens=4, temperature=0), V, gen(), None)
+    batch = PromptBatch(torch.zeros(2, 9, dtype=torch.long), torch.tensor([3, 5]),
+                        torch.zeros(2, 4, dtype=torch.float64))  # fmt: skip
+    step = ToyStep(2, cached=True)
+    decode_loop(batch, step, SamplingParams(max_new_tokens=4, temperature=0), V)
+    calls = [(s, e, d) for _, s, e, d in step.calls]
     assert calls[0] == (0, 3, False)  # prefill of the shortest prompt
     assert all(e - s == 1 for s, e, _ in calls[1:])
     # decode mode once every row feeds a generated token (position >= longest prompt)
     assert [d for _, _, d in calls] == [s >= 5 for s, _, _ in calls]
+
+
+def test_compaction_drops_finished_rows_and_keeps_the_tokens():
+    """Sampled, EOS in the middle: compacted and full-batch runs give the same rows, and the
+    compacted run feeds fewer rows once some have finished."""
+    prompts = [[1 + i % 5] * (1 + i % 4) for i in range(24)]
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, eos_id=3, pad_id=V - 1)
+    runs = {}
+    for cached, compact in ((True, True), (True, False), (False, True)):
+        batch = pack_prompts(prompts, params, toy_draws(prompts, params, seed=4))
+        step, stats = ToyStep(len(prompts), cached, peaked=False), {}
+        runs[cached, compact] = decode_loop(batch, step, params, V, None, compact, stats), stats
+    (a, sa), (b, sb), (c, _) = runs[True, True], runs[True, False], runs[False, True]
+    resp = a.lengths - a.prompt_lens
+    assert resp.min() < 10 and resp.max() == 40  # mixed lengths: some rows hit EOS early
+    for r in (b, c):
+        assert torch.equal(a.tokens, r.tokens) and torch.equal(a.lengths, r.lengths)
+        assert torch.equal(a.sampler_logprobs, r.sampler_logprobs)
+    assert sa["forwards"] == sb["forwards"]  # the longest row sets the number of forwards
+    ideal = int((a.lengths - a.prompt_lens.min()).sum())  # each row only while it runs
+    assert ideal <= sa["row_forwards"] < 0.8 * sb["row_forwards"]
+    # a row's tokens do not depend on the rows next to it
+    sub = [prompts[i] for i in (5, 2)]
+    batch = pack_prompts(sub, params, row_uniforms(4, 0, [5, 2], 40))
+    r = decode_loop(batch, ToyStep(2, True, peaked=False), params, V)
+    for k, i in enumerate((5, 2)):
+        n = int(a.lengths[i])
+        assert r.tokens[k, :n].tolist() == a.tokens[i, :n].tolist()
 
 
 def test_rollouts_mask():
@@ -178,6 +241,9 @@ def sampler_cases(rank: int, tp: int) -> dict:
     out["full"] = full_recompute_generate(bm.model, topo, cfg, PROMPTS, greedy, seed=0)
     out["batched"] = MegatronSampler(bm.model, topo, cfg, max_batch_size=2).generate(
         PROMPTS, greedy, seed=0
+    )
+    out["batched_sample"] = MegatronSampler(bm.model, topo, cfg, max_batch_size=2).generate(
+        PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0), seed=11
     )
     out["topk1"] = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, top_k=1), seed=3)
     sample = SamplingParams(max_new_tokens=10, temperature=1.0)
@@ -225,6 +291,7 @@ def test_tp_ranks_sample_identical_tokens_and_seed_repeats(tp2):
     a, b = tp2[0]["sample"], tp2[1]["sample"]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.sampler_logprobs, b.sampler_logprobs)
     assert torch.equal(a.tokens, tp2[0]["sample_again"].tokens)
+    assert torch.equal(a.tokens, tp2[0]["batched_sample"].tokens)  # micro-batches: same draws
     assert not torch.equal(a.tokens, tp2[0]["greedy"].tokens)  # really sampled
     assert a.tokens.max() < 100
 
