@@ -31,6 +31,13 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def _bytes(n: float) -> str:
+    for unit, div in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:10.2f} {unit}"
+    return f"{n:10.0f} B"
+
+
 def format_memory(cfg: Config) -> list[str]:
     """The per-GPU memory plan as lines (``copd_mega.memory`` states every formula)."""
     try:
@@ -39,8 +46,8 @@ def format_memory(cfg: Config) -> list[str]:
         return [f"memory per GPU: unknown ({e})"]
     total = sum(x.bytes for x in parts)
     lines = ["memory per GPU (most loaded stage, upper bounds):"]
-    lines += [f"  {x.name:<34}{x.bytes / GIB:10.2f} GiB" for x in parts]
-    lines.append(f"  {'total':<34}{total / GIB:10.2f} GiB")
+    lines += [f"  {x.name:<34}{_bytes(x.bytes)}" for x in parts]
+    lines.append(f"  {'total':<34}{_bytes(total)}")
     return lines
 
 
