@@ -28,11 +28,12 @@ BASE = [
     "data.n_eval=4", "branches=[{name: arith, data: arith}, {name: reverse, data: reverse}]",
     "teaching.graph=pairwise", "logging.progress=false",
 ]  # fmt: skip
-PRETRAIN = ["pretrain.steps=80", "pretrain.batch_size=32", "pretrain.lr=3e-3",
-            "pretrain.eval_every=0", "pretrain.eval_limit=8"]  # fmt: skip
+# arith only, to about a quarter of sampled answers right: GRPO groups with mixed rewards
+PRETRAIN = ["pretrain.capabilities=[arith]", "pretrain.steps=400", "pretrain.batch_size=32",
+            "pretrain.lr=3e-3", "pretrain.eval_every=0", "pretrain.eval_limit=8"]  # fmt: skip
 COPD = [
     "schedule.mode=copd", "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=2",
-    "rollout.prompts_per_step=2", "rollout.max_new_tokens=6", "rollout.max_batch_size=3",
+    "rollout.prompts_per_step=4", "rollout.max_new_tokens=6", "rollout.max_batch_size=3",
     "grpo.group_size=4", "opd.prompts_per_peer=2", "opd.samples_per_prompt=2",
     "parallel.micro_batch_size=4", "optim.lr=3e-3", "checkpoint.keep_last=1",
 ]  # fmt: skip
@@ -124,7 +125,7 @@ def test_two_tp2_pp2_branches_train_resume_merge_export(dp, base, tmp_path):
     rows = _rows(run)
     assert sorted(rows) == [(b, s) for b in ("arith", "reverse") for s in range(3)]
     assert [rows[("arith", s)]["phase"] for s in range(3)] == ["rl", "opd", "opd"]
-    assert any(rows[(b, 0)]["grad_norm"] > 0 for b in ("arith", "reverse")), "RL step moved"
+    assert rows[("arith", 0)]["reward"] > 0 and rows[("arith", 0)]["grad_norm"] > 0, "RL moved"
     for b, t in (("arith", "reverse"), ("reverse", "arith")):
         for s in (1, 2):
             assert 0.0 <= rows[(b, s)][f"edge/{b}<-{t}/overlap"] <= 1.0
