@@ -134,12 +134,12 @@ def memory_parts(cfg: Config) -> list[Part]:
             "rollout KV cache",
             r.max_batch_size * seq * (m.num_layers // p.pp) * 2 * kv / p.tp * e,
             "rollout.max_batch_size",
-        ),  # fmt: skip
+        ),
         Part(
             "log-prob chunk",
             p.micro_batch_size * chunk * vocab_local * 4 * 2,
             "rollout.logprob_chunk",
-        ),  # fmt: skip
+        ),
         Part("activations (no recompute)", activation_bytes(cfg, seq), "parallel.micro_batch_size"),
         Part("runtime reserve", RESERVE_BYTES, ""),
     ]
