@@ -217,9 +217,9 @@ def test_builtin_prompt_bound_is_the_longest_prompt():
     tok = build_tokenizer()
     for cap in ("arith", "reverse", "sort"):
         cfg = load_config(
-            None, [f"branches=[{{name: x, data: {cap}}}]", "data.prompt_template=>> {prompt}"]
+            None, [f"branches=[{{name: x, data: {cap}}}]", "data.prompt_template=Task {prompt}"]
         )
-        longest = max(1 + len(tok.encode(">> " + s["prompt"]).ids)
+        longest = max(1 + len(tok.encode("Task " + s["prompt"]).ids)
                       for s in make_samples(cap, "train", 3, 400))  # fmt: skip
         assert prompt_positions_bound(cfg) == longest, cap
     video = load_config(None, ["branches=[{name: v, data: video}]", "vision.enabled=true"])
