@@ -174,6 +174,9 @@ class DataConfig:
     n_eval: int = 64
     seed: int = 1234
     prompt_template: str = "{prompt}"  # the user message (or whole prompt without a chat template)
+    # Longest prompt in model positions (text tokens + image/frame tokens); a longer prompt is an
+    # error at generation. 0: the built-in capabilities' own bound (data.dir empty only).
+    max_prompt_tokens: int = 0
     # With an HF tokenizer (checkpoint.init_from_hf): render prompts through its chat template.
     chat_template: bool = True
     system_prompt: str = ""  # a system turn before the user turn (chat template only)
@@ -499,6 +502,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.rollout.tis_cap < 0:
         raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
+    if cfg.data.max_prompt_tokens < 0:
+        raise ConfigError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be >= 0")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
     if cfg.rollout.max_batch_size < 1:

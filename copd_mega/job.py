@@ -25,7 +25,7 @@ from copd_mega.checkpoint import (
     scan_steps,
     write_text_atomic,
 )
-from copd_mega.config import Config, ConfigError, to_dict
+from copd_mega.config import Config, to_dict
 from copd_mega.data.reader import ShardReader
 from copd_mega.datasets import ChatCodec, capabilities_of, make_reader
 from copd_mega.evaluate import evaluate, format_table
@@ -36,8 +36,9 @@ from copd_mega.model import BranchModel, build_branch_model, build_gpt
 from copd_mega.parallel import comm
 from copd_mega.rollout import RolloutEngine
 from copd_mega.runtime import Runtime, start
-from copd_mega.schedule import ScheduleState, StepPlan, build_plan
+from copd_mega.schedule import ScheduleState, StepPlan
 from copd_mega.step import prepare_for_training
+from copd_mega.validate import schedule_plan, validate_job
 from copd_mega.vlm_rollout import make_sampler
 
 
@@ -77,27 +78,6 @@ class BranchJob:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def schedule_plan(cfg: Config, edges: list[tuple[str, str]]) -> list[StepPlan]:
-    """The run's step plan for ``schedule.mode`` (errors name the schedule field to fix)."""
-    s = cfg.schedule
-    mixed = None
-    if s.mode == "mixed":
-        if len(cfg.branches) != 1:
-            raise ConfigError(
-                "schedule.mode=mixed trains one branch on the union of the data: configure one "
-                "branch whose data joins the capabilities, e.g. data: arith+reverse"
-            )
-        experts = len(capabilities_of(cfg.branches[0].data))
-        mixed = experts * s.cycles * (s.rl_steps + s.opd_steps)
-    try:
-        return build_plan(
-            s.mode, cfg.branch_names, edges if s.mode == "copd" else (), s.cycles, s.rl_steps,
-            s.opd_steps, s.student or None if s.mode in ("static_opd", "mopd") else None, mixed,
-        )  # fmt: skip
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
 def init_checkpoint(cfg: Config) -> str:
     """The model checkpoint every branch starts from: ``checkpoint.init_from``, or the converted
     ``checkpoint.init_from_hf`` (``RUN/hf_init``, made by ``prepare_data``), or "" (fresh)."""
@@ -108,7 +88,7 @@ def init_checkpoint(cfg: Config) -> str:
 
 def build_job(cfg: Config) -> BranchJob:
     """Start the process group and build this rank's branch job (resuming when asked)."""
-    rt = start(cfg)
+    rt = start(cfg, validate_job)
     topo = rt.topo
     plan = schedule_plan(cfg, topo.layout.edges)
     edges = list(dict.fromkeys(e for p in plan for e in p.edges))
@@ -118,11 +98,6 @@ def build_job(cfg: Config) -> BranchJob:
     init = init_checkpoint(cfg)
     if init:  # every branch starts from the same base
         load_model(init, bm, topo)
-    if cfg.grpo.kl_coef > 0 and cfg.vision.enabled:
-        raise ConfigError(
-            f"grpo.kl_coef={cfg.grpo.kl_coef} with vision.enabled=true: the frozen reference is "
-            "built as a text model only; set grpo.kl_coef=0 for vision-language runs"
-        )
     if cfg.grpo.kl_coef > 0:  # the reference is the starting policy, frozen
         gpt = build_gpt(cfg, topo)
         if init:

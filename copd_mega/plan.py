@@ -1,7 +1,10 @@
-"""``copd plan``: the rank layout for N ranks, with no processes and no GPUs.
+"""``copd plan``: the rank layout and the per-GPU memory plan for N ranks, with no processes
+and no GPUs.
 
-The same text is printed by ``copd train`` on global rank 0 before any model is built, so a
-dry run on a laptop shows exactly what the Slurm job will do.
+It runs ``validate.validate_job``, the same checks ``copd train`` runs at start-up, and the same
+text is printed by ``copd train`` on global rank 0 before any model is built, so a dry run on a
+laptop shows exactly what the Slurm job will do. With ``--gpu-memory-gb G`` it exits 1, in one
+line naming the setting to change, when the memory plan (``copd_mega.memory``) exceeds G GiB.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import argparse
 import sys
 
 from copd_mega.config import Config, ConfigError, load_config
+from copd_mega.memory import GIB, fit_error, memory_parts, stage_params, vision_params
 from copd_mega.model import count_parameters
-from copd_mega.parallel.topology import Layout, plan_layout
+from copd_mega.parallel.topology import Layout
+from copd_mega.validate import validate_job
 
 
 def _fmt_groups(groups: list[list[int]], limit: int = 4) -> str:
@@ -26,16 +31,24 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
-def memory_per_gpu_gib(cfg: Config, params: int) -> float:
-    """Weights (model dtype) + fp32 grads on every rank, fp32 master + Adam moments over DP.
+def _bytes(n: float) -> str:
+    for unit, div in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:10.2f} {unit}"
+    return f"{n:10.0f} B"
 
-    Per rank the model holds params/(TP*PP); the distributed optimizer shards its 12 bytes per
-    parameter (fp32 master, exp_avg, exp_avg_sq) over DP. Activations are not included.
-    """
-    p = cfg.parallel
-    local = params / (p.tp * p.pp)
-    weight_bytes = 4 if cfg.model.dtype == "fp32" else 2
-    return local * (weight_bytes + 4 + 12 / p.dp) / 2**30
+
+def format_memory(cfg: Config) -> list[str]:
+    """The per-GPU memory plan as lines (``copd_mega.memory`` states every formula)."""
+    try:
+        parts = memory_parts(cfg)
+    except ConfigError as e:  # only when the prompt bound is unknown (not a training job)
+        return [f"memory per GPU: unknown ({e})"]
+    total = sum(x.bytes for x in parts)
+    lines = ["memory per GPU (most loaded stage, upper bounds):"]
+    lines += [f"  {x.name:<34}{_bytes(x.bytes)}" for x in parts]
+    lines.append(f"  {'total':<34}{_bytes(total)}")
+    return lines
 
 
 def format_layout(cfg: Config, layout: Layout) -> str:
@@ -47,9 +60,11 @@ def format_layout(cfg: Config, layout: Layout) -> str:
         f"(TP{p.tp} x PP{p.pp} x DP{p.dp} = {layout.ranks_per_branch} ranks)",
         f"mode {cfg.schedule.mode}, teaching graph {cfg.teaching.graph}"
         + (f" (hub {cfg.teaching.hub})" if cfg.teaching.graph == "hub_spoke" else ""),
-        f"model {cfg.model.family}: {_human(params)} parameters, "
-        f"~{memory_per_gpu_gib(cfg, params):.3g} GiB per GPU for weights, grads and optimizer "
-        "(activations excluded)",
+        f"model {cfg.model.family}: {_human(params)} parameters"
+        + (f" + vision {_human(vision_params(cfg))}" if cfg.vision.enabled else "")
+        + f", {_human(stage_params(cfg))} per GPU; generation micro-batch "
+        f"{cfg.rollout.max_batch_size} sequences",
+        *format_memory(cfg),
     ]
     for b in layout.branches:
         lines.append(
@@ -69,13 +84,23 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="copd plan", description=__doc__)
     ap.add_argument("--config", required=True, help="YAML config, e.g. configs/copd_8branch.yaml")
     ap.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs)")
+    ap.add_argument(
+        "--gpu-memory-gb", type=float, default=0.0,
+        help="GPU memory in GiB (80 for an 80 GB GPU): exit 1 when the memory plan exceeds it",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        layout = plan_layout(cfg, args.world_size)
+        layout = validate_job(cfg, args.world_size)  # exactly what `copd train` checks
     except ConfigError as e:
         print(f"copd plan: {e}", file=sys.stderr)
         return 1
     print(format_layout(cfg, layout))
+    if args.gpu_memory_gb > 0:
+        error = fit_error(cfg, memory_parts(cfg), args.gpu_memory_gb)
+        if error:
+            print(f"copd plan: {error}", file=sys.stderr)
+            return 1
+        print(f"fits --gpu-memory-gb {args.gpu_memory_gb:g}")
     return 0

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from copd_mega.config import Config, ConfigError
+from copd_mega.config import Config
 from copd_mega.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
 from copd_mega.parallel import comm
 from copd_mega.parallel.dist import device, init_distributed
-from copd_mega.parallel.topology import Topology, build_topology, plan_layout
+from copd_mega.parallel.topology import Layout, Topology, build_topology, plan_layout
 from copd_mega.plan import format_layout
+from copd_mega.validate import check_vocab
 
 
 @dataclass
@@ -30,25 +32,23 @@ class Runtime:
             print(f"[{self.topo.branch.name} r{self.topo.rank}] {msg}", flush=True)
 
 
-def start(cfg: Config) -> Runtime:
+def start(cfg: Config, check: Callable[[Config, int], Layout] = plan_layout) -> Runtime:
     """Initialise the process group and everything every job needs, in a fixed order.
 
-    Global rank 0 prints the rank layout (the same text as ``copd plan``) before any model is
-    built. Checks the tokenizer fits ``model.vocab_size`` before any model exists.
+    ``check(cfg, world_size)`` validates the job and returns its layout (``copd train`` passes
+    ``validate.validate_job``, what ``copd plan`` runs). Global rank 0 prints the rank layout
+    (the same text as ``copd plan``) before any model is built. Checks the tokenizer fits
+    ``model.vocab_size`` before any model exists.
     """
     init_distributed(cfg.parallel.backend, seed=cfg.seed)
     world = dist.get_world_size()
-    layout = plan_layout(cfg, world)  # raises a ConfigError naming the fix
+    layout = check(cfg, world)  # raises a ConfigError naming the fix
     if dist.get_rank() == 0:
         print(format_layout(cfg, layout), flush=True)
     topo = build_topology(cfg, world)
     tok_path = prepare_data(cfg)
     codec = make_codec(cfg, tok_path)
-    if codec.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok_path} has {codec.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}; set model.vocab_size >= {codec.vocab_size}"
-        )
+    check_vocab(cfg, codec.vocab_size, f"tokenizer {tok_path}")
     return Runtime(cfg, topo, device(), codec)
 
 

@@ -68,4 +68,5 @@ def score_sequences(
         bm.model.train()
     if not topo.is_last_stage:
         return None
-    return torch.cat([o["logp"] for o in out]), torch.cat([o["topk"] for o in out])
+    n = tokens.shape[0]  # at PP > 1 the last microbatch may carry padding rows: cut them
+    return torch.cat([o["logp"] for o in out])[:n], torch.cat([o["topk"] for o in out])[:n]

@@ -61,13 +61,17 @@ def run_microbatches(
     """Forward (and backward unless ``forward_only``) over ``microbatches`` on this branch.
 
     Returns the per-microbatch metric dicts produced by ``loss_fn`` on the last PP stage;
-    other stages get an empty list. Gradients accumulate in the DDP buffers.
+    other stages get an empty list. Gradients accumulate in the DDP buffers. With PP > 1 a
+    short microbatch is padded to the first one's rows (:func:`pad_rows`), so per-row outputs
+    of the last microbatch may carry extra rows at their end: cut them to the real row count.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     assert microbatches, "run_microbatches needs at least one microbatch"
     mbs, seq = microbatches[0]["tokens"].shape
+    if topo.layout.pp > 1:
+        microbatches = [pad_rows(mb, mbs) for mb in microbatches]
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -99,6 +103,27 @@ def run_microbatches(
         **extra,
     )
     return list(out) if topo.is_last_stage else []
+
+
+def pad_rows(mb: dict, rows: int) -> dict:
+    """``mb`` with zero rows appended up to ``rows`` (every row-aligned tensor; ``position_ids``
+    repeated). megatron's pipeline sends one activation shape ``[S, mbs, H]`` between stages, so
+    at PP > 1 every microbatch needs the same rows. A zero row has ``mask`` 0: it adds no loss,
+    no loss units and no telemetry."""
+    n = mb["tokens"].shape[0]
+    if n == rows:
+        return mb
+    if "vlm" in mb:
+        raise ValueError("vision-language microbatches run with parallel.pp=1 (no padding)")
+    out = {}
+    for k, v in mb.items():
+        if k == "position_ids":
+            out[k] = v[:1].expand(rows, -1)
+        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            out[k] = torch.cat([v, v.new_zeros((rows - n, *v.shape[1:]))])
+        else:
+            out[k] = v
+    return out
 
 
 def optimizer_step(bm: BranchModel, loss_is_finite: bool = True) -> dict:

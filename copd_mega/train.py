@@ -46,6 +46,7 @@ from copd_mega.runtime import shutdown
 from copd_mega.schedule import StepPlan, remaining_steps
 from copd_mega.scoring import score_sequences
 from copd_mega.step import all_finite, optimizer_step, run_microbatches
+from copd_mega.validate import check_prompts
 
 
 def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
@@ -223,6 +224,7 @@ def rollout_peer(job: BranchJob, teacher: str, step: int) -> tuple[Rollouts, Row
 def _generate(job: BranchJob, samples: list[dict], repeat: int, seed: int):
     vision = job.cfg.vision.enabled
     prompts, media = prompts_and_media(job.rt.codec, samples, repeat, vision)
+    check_prompts(job.cfg, prompts, media, job.rt.codec.image)
     rolls = generate(job.sampler, prompts, media, _sampling(job), seed)
     return rolls, RowMedia.from_lists(media, job.cfg.vision.image_size) if vision else None
 

@@ -184,6 +184,23 @@ _MAKERS: dict[str, tuple[Callable[[random.Random, SynthOptions], Problem], str]]
 }
 
 
+class _Longest(random.Random):
+    """A stream whose every ``randint`` draws the top of its range: the most digits, the longest
+    word. The makers lengthen prompts only through ``randint`` upper bounds."""
+
+    def randint(self, a: int, b: int) -> int:
+        return b
+
+
+def longest_prompt(capability: str, options: SynthOptions | None = None) -> str:
+    """The longest prompt text `capability` can draw under `options` (default sizes)."""
+    if capability not in _MAKERS:
+        raise ValueError(f"unknown capability {capability!r}; choose one of {list(CAPABILITIES)}")
+    options = options or SynthOptions()
+    options.check()
+    return _MAKERS[capability][0](_Longest(0), options).prompt
+
+
 def make_sample(
     capability: str, split: str, seed: int, index: int, options: SynthOptions | None = None
 ) -> dict:

@@ -1,20 +1,24 @@
 #!/bin/bash
-# CoPD with 8 expert branches of a ~7B model: each branch is TP2 x PP2 x DP2 = 8 GPUs (one
-# node), 64 GPUs in all. One task per GPU; copd_mega reads SLURM_PROCID / SLURM_NTASKS /
-# SLURM_LOCALID and rank 0 prints the rank layout before any model is built.
+# CoPD with 8 expert branches of a ~7B vision-language model (ViT-L/14-336 tower; text, image
+# and video branches): each branch is TP4 x PP1 x DP2 = 8 GPUs (one node), 64 GPUs in all. The
+# vision-language model runs with PP1, so a branch's 8 GPUs are TP4 x DP2 (the config's header
+# says why; a text-only run can use parallel.tp=2 parallel.pp=2). One task per GPU; copd_mega
+# reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and rank 0 prints the rank layout and the
+# per-GPU memory plan before any model is built.
 #
 # Submit from the repository root (the config and run directory are relative to it), with the
 # Python environment that has copd_mega installed active (sbatch passes your environment on):
 #   sbatch slurm/copd_8branch.sh                         # configs/copd_8branch.yaml as it is
 #   sbatch slurm/copd_8branch.sh optim.lr=2e-6           # trailing dotted.key=value overrides
 #   COPD_CONFIG=configs/x.yaml COPD_RUN_DIR=runs/x sbatch slurm/copd_8branch.sh
-#   slurm/copd_8branch.sh --dry-run                      # the 64-rank layout (copd plan), no GPUs
+#   slurm/copd_8branch.sh --dry-run                      # 64-rank layout + memory plan, no GPUs
 #
 # Environment:
 #   COPD_CONFIG   config file (default configs/copd_8branch.yaml)
 #   COPD_RUN_DIR  run directory (default: run_dir in the config)
 #   COPD_PYTHON   interpreter with copd_mega installed (default: python on PATH)
 #   COPD_DRY_RUN  1: same as --dry-run
+#   COPD_GPU_MEMORY_GB  GPU memory the dry run checks the memory plan against (default 80)
 #   MASTER_PORT   rendezvous port (default derived from the job id)
 #
 # A resubmitted or requeued job continues from the newest complete step in RUN/checkpoints
@@ -44,6 +48,7 @@ if [[ "${1:-}" == "--dry-run" || "${COPD_DRY_RUN:-0}" == 1 ]]; then
   per_node=$(sed -n 's/^#SBATCH --ntasks-per-node=//p' "$0")
   exec "$PYTHON" -m copd_mega.cli plan --config "$CONFIG" \
     --world-size "${SLURM_NTASKS:-$((nodes * per_node))}" \
+    --gpu-memory-gb "${COPD_GPU_MEMORY_GB:-80}" \
     ${COPD_RUN_DIR:+"run_dir=$COPD_RUN_DIR"} "$@"
 fi
 : "${SLURM_JOB_ID:?submit with sbatch, or pass --dry-run to check the layout without Slurm}"

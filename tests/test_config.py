@@ -16,11 +16,13 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_validates(path):
+    """Every config passes what `copd train` checks at start-up, at its own world size."""
+    from copd_mega.validate import validate_job
+
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    from copd_mega.parallel.topology import check_model_fits
-
-    check_model_fits(cfg)
+    layout = validate_job(cfg, len(cfg.branches) * cfg.ranks_per_branch)
+    assert len(layout.branches) == len(cfg.branches)
 
 
 def test_yaml_round_trip(tmp_path):

@@ -1,6 +1,7 @@
-"""slurm/copd_8branch.sh as written: its dry run equals ``copd plan``; submitted to a local Slurm
-with a CPU override (8 branches x 1 rank, tiny model, gloo) it prints the layout first, trains
-all 8 branches and writes the merged model.
+"""slurm/copd_8branch.sh as written: its dry run equals ``copd plan`` with the memory plan;
+submitted to a local Slurm with a CPU override (2 branches x TP2 x PP2 = 8 ranks, tiny text
+model, gloo) it prints the layout first, trains both branches at that shape through PP2
+generation and writes the merged model.
 """
 
 from __future__ import annotations
@@ -20,28 +21,33 @@ from copd_mega.plan import main as plan_main
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "copd_8branch.sh"
 CONFIG = "configs/copd_8branch.yaml"
-NAMES = ["text", "image", "video", "chart", "geometry", "code", "science", "ocr"]
-CAPS = ["arith", "reverse", "sort"]
-# The 8-branch config with a tiny model and built-in data, one rank per branch: 8 gloo processes
-# on any machine. Branch names (and the text hub) are the config's own.
+NAMES = ["text", "image"]
+CAPS = ["arith", "reverse"]
+# The 8-branch config cut to its text hub and first spoke, a tiny text model on built-in data,
+# at a real branch shape: 2 branches x TP2 x PP2 = 8 gloo processes on any machine. Branch
+# names (and the text hub) are the config's own.
 CPU_OVERRIDES = [
-    "branches=[" + ", ".join(f"{{name: {n}, data: {CAPS[i % 3]}}}" for i, n in enumerate(NAMES)) + "]",
-    "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "parallel.micro_batch_size=16",
-    "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
+    "branches=[" + ", ".join(f"{{name: {n}, data: {c}}}" for n, c in zip(NAMES, CAPS, strict=True))
+    + "]",
+    "vision.enabled=false", "data.dir=", "data.max_prompt_tokens=0",
+    "parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "parallel.micro_batch_size=4",
+    "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=128",
     "model.pad_vocab_to=8", "model.max_seq_length=48",
     "data.n_train=64", "data.n_eval=8", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4",
-    "grpo.group_size=2", "opd.prompts_per_peer=2", "opd.samples_per_prompt=1",
-    "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1", "checkpoint.every=0",
-    "logging.wandb=disabled",
+    "rollout.max_batch_size=3", "grpo.group_size=2", "opd.prompts_per_peer=2",
+    "opd.samples_per_prompt=1", "schedule.cycles=1", "schedule.rl_steps=1",
+    "schedule.opd_steps=1", "checkpoint.every=0", "logging.wandb=disabled",
 ]  # fmt: skip
+GPU_GB = ["--gpu-memory-gb", "80"]  # what the script's dry run checks by default
 JOB_TIMEOUT_S = 420
 
 
-def _plan(capsys, world: int, overrides: list[str]) -> str:
-    """What ``copd plan --config CONFIG --world-size WORLD OVERRIDES`` prints."""
+def _plan(capsys, world: int, overrides: list[str], extra: tuple[str, ...] = ()) -> str:
+    """What ``copd plan --config CONFIG --world-size WORLD EXTRA OVERRIDES`` prints."""
     capsys.readouterr()
-    assert plan_main(["--config", str(REPO / CONFIG), "--world-size", str(world), *overrides]) == 0
+    argv = ["--config", str(REPO / CONFIG), "--world-size", str(world), *extra, *overrides]
+    assert plan_main(argv) == 0
     return capsys.readouterr().out
 
 
@@ -68,9 +74,20 @@ def test_dry_run_prints_the_64_gpu_layout(capsys):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    expected = _plan(capsys, 64, [])
+    expected = _plan(capsys, 64, [], GPU_GB)
     assert res.stdout == expected
-    assert expected.startswith("copd-mega layout: world 64 = 8 branches x (TP2 x PP2 x DP2")
+    assert expected.startswith("copd-mega layout: world 64 = 8 branches x (TP4 x PP1 x DP2")
+    assert "rollout KV cache" in expected and "fits --gpu-memory-gb 80" in expected
+
+
+def test_dry_run_fails_in_one_line_when_memory_does_not_fit():
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], cwd=REPO, env=_clean_env(COPD_GPU_MEMORY_GB="8"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1
+    (line,) = res.stderr.strip().splitlines()
+    assert "--gpu-memory-gb 8" in line
 
 
 def test_dry_run_env_var_uses_the_allocation_and_overrides(capsys):
@@ -80,7 +97,8 @@ def test_dry_run_env_var_uses_the_allocation_and_overrides(capsys):
         timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert res.stdout == _plan(capsys, 8, CPU_OVERRIDES)
+    assert res.stdout == _plan(capsys, 8, CPU_OVERRIDES, GPU_GB)
+    assert "(TP2 x PP2 x DP1 = 4 ranks)" in res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +114,7 @@ def slurm():
 
 
 @pytest.mark.multiproc
-def test_sbatch_runs_8_branches_on_cpu(slurm, tmp_path, capsys):
+def test_sbatch_runs_two_tp2_pp2_branches_on_cpu(slurm, tmp_path, capsys):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     job = slurm.sbatch(
         # The allocation shrunk to one CPU node; the script itself is submitted unchanged.
@@ -111,6 +129,7 @@ def test_sbatch_runs_8_branches_on_cpu(slurm, tmp_path, capsys):
     assert (state, code) == ("COMPLETED", "0:0"), f"job {job} {state} {code}:\n{text[-3000:]}"
 
     layout = _plan(capsys, 8, CPU_OVERRIDES)
+    assert "2 branches x (TP2 x PP2 x DP1 = 4 ranks)" in layout
     assert layout in text, "the job's layout differs from `copd plan` for the same config"
     # Start-up prints the layout, then synthesises data, then builds the models.
     first_data = text.index(" samples in ")

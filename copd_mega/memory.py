@@ -1,0 +1,171 @@
+"""Per-GPU memory of a training job, part by part, from the config alone (``copd plan``).
+
+Pure arithmetic on the config; every part is an upper bound for the most loaded pipeline stage
+of a rank on a GPU (``model.dtype=auto`` is bf16 there). Sizes in bytes. The parts and their
+formulas (t = TP, p = PP, d = DP, L = model.num_layers, h = hidden, kv = query groups x head
+dim, F = ffn, V = vocabulary padded to ``pad_vocab_to * t``, e = 2 bytes bf16 / 4 fp32):
+
+* **weights**: the stage's parameters / t in the model dtype; the first stage holds the word
+  embedding (and the vision tower + projector with ``vision.enabled``), the last the output
+  layer (a second copy of the embedding when tied and p > 1).
+* **gradients**: megatron's DDP grad buffer in fp32 (``grad_reduce_in_fp32``), 4 bytes / param.
+* **optimizer**: the distributed optimizer shards fp32 master weights (bf16 models only) and
+  Adam's two moments over DP: (4 + 4 + 4) / d bytes per param (8 / d for fp32 models).
+* **rollout KV cache**: one generation micro-batch: ``rollout.max_batch_size`` sequences x
+  (longest prompt + ``rollout.max_new_tokens``) x L/p layers x 2 (K, V) x kv/t x e.
+* **log-prob chunk**: ``parallel.micro_batch_size`` x ``rollout.logprob_chunk`` x V/t x 4 bytes
+  for the fp32 copy of a logits chunk, x 2 for the softmax temporary of the same size.
+* **activations** (no recompute: the model builder has no activation recomputation), per
+  training micro-batch of b = ``parallel.micro_batch_size`` rows of s = longest prompt +
+  ``rollout.max_new_tokens`` positions, per layer ``e * s * b * (4h + (2h + 2kv + 3F) / t)``:
+  the two norm inputs and the two column-parallel inputs (replicated over TP), Q/K/V and the
+  attention output, and the SwiGLU's gate, up and product (split over TP); flash attention
+  keeps no s x s scores. Under 1F1B the first stage holds p micro-batches of L/p layers, so L
+  layers in all (also at p = 1). Plus the output logits ``e * s * b * V / t`` kept for the
+  log-prob backward, and the vision tower's layers on its patches when enabled.
+* **runtime reserve**: CUDA context, NCCL buffers, allocator slack (a fixed estimate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from copd_mega.config import Config
+from copd_mega.model import padded_vocab_size
+
+GIB = 2**30
+RESERVE_BYTES = 3 * GIB  # CUDA context + NCCL buffers + allocator fragmentation
+
+
+@dataclass(frozen=True)
+class Part:
+    """One line of the memory plan: ``bytes`` per GPU and the setting that shrinks it."""
+
+    name: str
+    bytes: float
+    knob: str  # the config setting to change when this part is the one that does not fit
+
+
+def _elem_bytes(cfg: Config) -> int:
+    return 4 if cfg.model.dtype == "fp32" else 2
+
+
+def layer_params(cfg: Config) -> tuple[int, int]:
+    """(TP-sharded, replicated) parameters of one decoder layer: attention and SwiGLU matrices
+    (and QKV bias) are split over TP, the two RMSNorms are on every TP rank."""
+    m = cfg.model
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = m.num_query_groups * (h // m.num_attention_heads)
+    attn = h * (h + 2 * kv) + h * h + (h + 2 * kv if m.qkv_bias else 0)
+    return attn + 3 * h * f, 2 * h
+
+
+def vision_parts(cfg: Config) -> tuple[int, int]:
+    """(TP-sharded, replicated) parameters of the CLIP ViT and its MLP projector. Replicated:
+    the patch conv, class token, positions, the pre-LayerNorm, every layer's two LayerNorms
+    and the row-parallel biases (attention output, fc2, projector fc2)."""
+    v, h = cfg.vision, cfg.model.hidden_size
+    if not v.enabled:
+        return 0, 0
+    hv, fv, patches = v.hidden_size, v.ffn_hidden_size, (v.image_size // v.patch_size) ** 2
+    shard = v.num_layers * (4 * hv * hv + 3 * hv + 2 * hv * fv + fv) + hv * h + h + h * h
+    rep = 3 * v.patch_size**2 * hv + hv + (patches + 1) * hv + 2 * hv + v.num_layers * 6 * hv + h
+    return shard, rep
+
+
+def vision_params(cfg: Config) -> int:
+    """Parameters of the vision tower + projector (0 when ``vision.enabled`` is false)."""
+    return sum(vision_parts(cfg))
+
+
+def stage_params(cfg: Config) -> int:
+    """Parameters per GPU on the most loaded pipeline stage (a TP rank's shards + replicas)."""
+    m, p = cfg.model, cfg.parallel
+    vocab = padded_vocab_size(m.vocab_size, m.pad_vocab_to, p.tp) * m.hidden_size
+    shard, rep = (m.num_layers // p.pp * x for x in layer_params(cfg))
+    v_shard, v_rep = vision_parts(cfg)
+    first = (shard + vocab + v_shard) // p.tp + rep + v_rep
+    out = vocab if (not m.tie_embeddings or p.pp > 1) else 0
+    last = (shard + out) // p.tp + rep + m.hidden_size
+    if p.pp == 1:
+        return first + out // p.tp + m.hidden_size
+    return max(first, last)
+
+
+def activation_bytes(cfg: Config, seq: int) -> float:
+    """Training activations of one micro-batch (see the module docstring)."""
+    m, p, e = cfg.model, cfg.parallel, _elem_bytes(cfg)
+    h, f, b, t = m.hidden_size, m.ffn_hidden_size, p.micro_batch_size, p.tp
+    kv = m.num_query_groups * (h // m.num_attention_heads)
+    per_layer = e * seq * b * (4 * h + (2 * h + 2 * kv + 3 * f) / t)
+    logits = e * seq * b * padded_vocab_size(m.vocab_size, m.pad_vocab_to, t) / t
+    total = m.num_layers * per_layer + logits
+    v = cfg.vision
+    if v.enabled:  # every medium position of the rows runs the ViT, (patches + 1) per tile
+        patches = (v.image_size // v.patch_size) ** 2
+        tiles = seq * b // patches
+        vit = (
+            e
+            * tiles
+            * (patches + 1)
+            * (4 * v.hidden_size + (4 * v.hidden_size + 2 * v.ffn_hidden_size) / t)
+        )
+        total += v.num_layers * vit
+    return total
+
+
+def memory_parts(cfg: Config) -> list[Part]:
+    """The per-GPU memory plan of ``cfg``, part by part (bytes)."""
+    from copd_mega.validate import prompt_positions_bound
+
+    m, p, r = cfg.model, cfg.parallel, cfg.rollout
+    e = _elem_bytes(cfg)
+    local = stage_params(cfg)
+    seq = prompt_positions_bound(cfg) + r.max_new_tokens
+    kv = m.num_query_groups * (m.hidden_size // m.num_attention_heads)
+    vocab_local = padded_vocab_size(m.vocab_size, m.pad_vocab_to, p.tp) / p.tp
+    chunk = r.logprob_chunk if r.logprob_chunk > 0 else seq
+    optimizer = (8 if cfg.model.dtype == "fp32" else 12) / p.dp
+    return [
+        Part("weights", local * e, "parallel.tp / parallel.pp"),
+        Part("gradients (fp32 buffer)", local * 4, "parallel.tp / parallel.pp"),
+        Part("optimizer (distributed over DP)", local * optimizer, "parallel.dp"),
+        Part(
+            "rollout KV cache",
+            r.max_batch_size * seq * (m.num_layers // p.pp) * 2 * kv / p.tp * e,
+            "rollout.max_batch_size",
+        ),
+        Part(
+            "log-prob chunk",
+            p.micro_batch_size * chunk * vocab_local * 4 * 2,
+            "rollout.logprob_chunk",
+        ),
+        Part("activations (no recompute)", activation_bytes(cfg, seq), "parallel.micro_batch_size"),
+        Part("runtime reserve", RESERVE_BYTES, ""),
+    ]
+
+
+def fit_error(cfg: Config, parts: list[Part], gpu_gib: float) -> str | None:
+    """None when the parts fit ``gpu_gib``; else one line naming the setting to change."""
+    total = sum(x.bytes for x in parts)
+    if total <= gpu_gib * GIB:
+        return None
+    big = max((x for x in parts if x.knob), key=lambda x: x.bytes)
+    fix = f"change {big.knob}"
+    if big.knob == "rollout.max_batch_size":
+        per_seq = big.bytes / cfg.rollout.max_batch_size
+        room = gpu_gib * GIB - (total - big.bytes)
+        n = int(room // per_seq)
+        fix = (f"lower rollout.max_batch_size to <= {n}" if n >= 1 else
+               "lower rollout.max_new_tokens or raise parallel.tp/parallel.pp")  # fmt: skip
+    elif big.knob == "parallel.micro_batch_size":
+        fix = ("lower parallel.micro_batch_size" if cfg.parallel.micro_batch_size > 1 else
+               "lower rollout.max_new_tokens or raise parallel.tp")  # fmt: skip
+    elif big.knob == "parallel.tp / parallel.pp":
+        fix = "raise parallel.tp or parallel.pp (more GPUs per branch)"
+    elif big.knob == "parallel.dp":
+        fix = "raise parallel.dp (shards the optimizer state further)"
+    return (
+        f"needs ~{total / GIB:.1f} GiB per GPU > --gpu-memory-gb {gpu_gib:g}; the largest part is "
+        f"{big.name} ({big.bytes / GIB:.1f} GiB): {fix}"
+    )
