@@ -114,7 +114,7 @@ def save_model(
     if branch not in names:
         raise ValueError(f"save_model: branch {branch!r} is not one of {names}")
     path = Path(path)
-    staged = path.with_name(path.name + ".partial")  # written beside, swapped in when complete
+    staged = path.with_name(f".{path.name}.partial")  # written beside, swapped in when complete
     if dist.get_rank() == 0:
         if staged.exists():
             shutil.rmtree(staged)  # a save that never finished
@@ -132,7 +132,7 @@ def save_model(
 def swap_in(staged: Path, path: Path) -> None:
     """Replace folder ``path`` by the finished folder ``staged``: the old one is renamed aside
     first and deleted only after the new one is in place."""
-    old = path.with_name(path.name + ".old")
+    old = path.with_name(f".{path.name}.old")  # hidden: globs such as branch_* skip both
     if old.exists():
         shutil.rmtree(old)
     if path.exists():
