@@ -118,7 +118,7 @@ def save_model(
     path = Path(path)
     if topo.branch.name != branch:
         return path
-    staged = path.with_name(path.name + ".partial")  # written beside, swapped in when complete
+    staged = path.with_name(f".{path.name}.partial")  # written beside, swapped in when complete
     leader = topo.rank == topo.branch.first_rank
     if leader:
         if staged.exists():
@@ -136,7 +136,7 @@ def save_model(
 def swap_in(staged: Path, path: Path) -> None:
     """Replace folder ``path`` by the finished folder ``staged``: the old one is renamed aside
     first and deleted only after the new one is in place."""
-    old = path.with_name(path.name + ".old")
+    old = path.with_name(f".{path.name}.old")  # hidden: globs such as branch_* skip both
     if old.exists():
         shutil.rmtree(old)
     if path.exists():
