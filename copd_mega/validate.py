@@ -13,11 +13,14 @@ under ``data.dir``, and prompts longer than ``data.max_prompt_tokens`` (refused,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
-from copd_mega.datasets import capabilities_of
+from copd_mega.datasets import ChatCodec, capabilities_of
+from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.parallel.topology import Layout, plan_layout
 from copd_mega.schedule import StepPlan, build_plan
 from copd_mega.vlm import image_token_count
@@ -90,18 +93,29 @@ def prompt_positions_bound(cfg: Config) -> int:
             f"{what} is not built-in synthetic data, so its longest prompt is unknown: set "
             "data.max_prompt_tokens to its model positions (text tokens + image/frame tokens)"
         )
-    from copd_mega.data.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
+    count = _prompt_counter(cfg)
     media = {"image": 1, "video": cfg.vision.frames_per_video}
     longest = 0
     for c in caps:
-        text = cfg.data.prompt_template.format(prompt=longest_prompt(c))
-        n = 1 + len(tok.encode(text).ids)
+        n = count(longest_prompt(c))
         if cfg.vision.enabled and c in media:
             n += media[c] * image_token_count(cfg)
         longest = max(longest, n)
     return longest
+
+
+def _prompt_counter(cfg: Config):
+    """``prompt -> model positions`` as the run renders it: the HF model's chat template with
+    ``checkpoint.init_from_hf`` (its directory, or the run's converted copy once the source is
+    gone), else ``<bos>`` + the built-in character tokenizer under ``data.prompt_template``."""
+    if cfg.checkpoint.init_from_hf:
+        src = Path(cfg.checkpoint.init_from_hf)
+        codec = ChatCodec(src if src.is_dir() else hf_init_dir(cfg), cfg.data)
+        return lambda prompt: len(codec.prompt_ids(prompt))
+    from copd_mega.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    return lambda prompt: 1 + len(tok.encode(cfg.data.prompt_template.format(prompt=prompt)).ids)
 
 
 def check_lengths(cfg: Config) -> None:
