@@ -5,9 +5,9 @@ Megatron keys, so each branch is written to its own directory, and each branch s
 over its own process group (``topo.branch_group``): all branches write at the same time and the
 save time does not grow with the branch count (``sharded_state.save_dir``). A branch's non-tensor
 state (optimizer hyper-parameters, sharding type) is stored as one ``ShardedObject`` owned by the
-branch's first rank. Each branch directory is a complete
-Megatron checkpoint on its own: it loads at any TP/PP split (Megatron reshards; a padded vocabulary
-loads with ``allow_shape_mismatch``) and the offline tools read it without a process group.
+branch's first rank. Each branch directory is a complete Megatron checkpoint on its own: it loads
+at any TP/PP split (Megatron reshards; a padded vocabulary loads with ``allow_shape_mismatch``)
+and the offline tools read it without a process group.
 
 Layout of a resume root (``RUN/checkpoints``)::
 
