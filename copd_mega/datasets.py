@@ -62,7 +62,7 @@ def prepare_data(cfg: Config) -> Path:
     tok_path = root / "tokenizer.json"
     needed = sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
     if not cfg.data.dir:
-        _check_builtin(cfg, root)
+        check_branch_data(cfg, root)
     leader = not dist.is_initialized() or dist.get_rank() == 0
     if cfg.checkpoint.init_from_hf:
         _convert_hf_once(cfg, leader)
@@ -113,7 +113,7 @@ def _convert_hf_once(cfg: Config, leader: bool) -> None:
         raise ConfigError(error)
 
 
-def _check_builtin(cfg: Config, root: Path) -> None:
+def check_branch_data(cfg: Config, root: Path) -> None:
     """Every data name of every branch is a built-in capability or holds shards already
     (checked on every rank before rank 0 synthesises anything); the error names the setting."""
     from copd_mega.data.synthetic import CAPABILITIES

@@ -248,10 +248,11 @@ def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:
     With an HF tokenizer its files (chat template, generation config) go beside the weights, so
     ``copd export-hf`` gives the model back with them."""
     path = Path(job.cfg.run_dir) / "final" / sub
-    save_model(
-        path, job.bm, job.rt.topo, job.cfg, branch=branch or job.cfg.branch_names[0],
-        tokenizer=job.rt.codec.path,
-    )  # fmt: skip
-    if isinstance(job.rt.codec, ChatCodec) and dist.get_rank() == 0:
+    branch = branch or job.cfg.branch_names[0]
+    topo = job.rt.topo
+    save_model(path, job.bm, topo, job.cfg, branch=branch, tokenizer=job.rt.codec.path)
+    # save_model returns on the writing branch once the folder is in place (other ranks at once)
+    writer = topo.branch.name == branch and topo.rank == topo.branch.first_rank
+    if isinstance(job.rt.codec, ChatCodec) and writer:
         copy_tokenizer_files(job.rt.codec.hf_dir, path)
     return path

@@ -147,7 +147,7 @@ def loss_units(mask: Tensor, agg: Aggregation = "token_mean") -> Tensor:
 
 
 def loss_normalizer(mask: Tensor, agg: Aggregation = "token_mean") -> int:
-    """This rank's share of the ``normalizer`` for ``clipped_surrogate_loss``.
+    """This rank's share of the ``normalizer`` for ``clipped_surrogate``.
 
     ``token_mean``: number of masked tokens. ``seq_mean``: number of rows with at least one
     masked token. Sum it over microbatches and DP ranks (at the call site) and pass the total as
@@ -201,28 +201,6 @@ def _aggregate(per_token: Tensor, m: Tensor, agg: str, normalizer: float | None)
         denom = normalizer if normalizer is not None else m.any(dim=1).sum().clamp(min=1)
         return per_seq.sum() / denom
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
-
-
-def clipped_surrogate_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    agg: Aggregation = "token_mean",
-    normalizer: float | None = None,
-    ref_logp: Tensor | None = None,
-    kl_coef: float = 0.0,
-    token_weight: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """:func:`clipped_surrogate` with its metrics as Python floats (one device sync)."""
-    loss, stats = clipped_surrogate(
-        logp, old_logp, advantages, mask, eps_low, eps_high, agg, normalizer, ref_logp, kl_coef,
-        token_weight,
-    )  # fmt: skip
-    values = torch.stack(list(stats.values())).tolist()
-    return loss, dict(zip(stats, values, strict=True))
 
 
 def clipped_surrogate(

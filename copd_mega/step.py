@@ -109,7 +109,8 @@ def pad_rows(mb: dict, rows: int) -> dict:
     """``mb`` with zero rows appended up to ``rows`` (every row-aligned tensor; ``position_ids``
     repeated). megatron's pipeline sends one activation shape ``[S, mbs, H]`` between stages, so
     at PP > 1 every microbatch needs the same rows. A zero row has ``mask`` 0: it adds no loss,
-    no loss units and no telemetry."""
+    no loss units and no telemetry. ``teacher_topk`` holds only the ``opd_rows`` (not one entry
+    per row), so it stays as it is."""
     n = mb["tokens"].shape[0]
     if n == rows:
         return mb
@@ -119,7 +120,7 @@ def pad_rows(mb: dict, rows: int) -> dict:
     for k, v in mb.items():
         if k == "position_ids":
             out[k] = v[:1].expand(rows, -1)
-        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+        elif k != "teacher_topk" and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
             out[k] = torch.cat([v, v.new_zeros((rows - n, *v.shape[1:]))])
         else:
             out[k] = v

@@ -393,6 +393,7 @@ def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
         table[label] = table[f"branch {final_branch}"]
     with job.timed("final_save"):
         path = save_final(job, "model", final_branch)
+        comm.barrier()  # one branch writes it: every rank returns once it is on disk
     write_eval(job, table)
     if dist.get_rank() == 0:
         write_text_atomic(Path(cfg.run_dir, "timings.json"), json.dumps(job.timings, indent=2))

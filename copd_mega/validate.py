@@ -19,7 +19,7 @@ from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
-from copd_mega.datasets import ChatCodec, capabilities_of
+from copd_mega.datasets import ChatCodec, capabilities_of, check_branch_data, data_root
 from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.parallel.topology import Layout, plan_layout
 from copd_mega.schedule import StepPlan, build_plan
@@ -35,6 +35,8 @@ def validate_job(cfg: Config, world_size: int) -> Layout:
     layout = plan_layout(cfg, world_size)
     schedule_plan(cfg, layout.edges)
     check_media(cfg)
+    if not cfg.data.dir:  # a typo'd capability is named as the branches.N.data setting
+        check_branch_data(cfg, data_root(cfg))
     check_lengths(cfg)
     check_builtin_tokenizer(cfg)
     return layout

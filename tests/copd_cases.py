@@ -101,7 +101,10 @@ def update_case(rank: int, overrides: list[str]):
     tokens = torch.randint(1, 100, (4, 10), generator=g)
     rows = grpo_rows(tokens, torch.tensor([3, 3, 4, 4]), torch.tensor([10, 9, 10, 8]),
                      torch.tensor([1.0, -1.0, 0.5, -0.5]))  # fmt: skip
-    first = unpack_metrics(update(job, rows, loss_fn)[0].tolist(), job.edges)  # one rank
-    second = unpack_metrics(update(job, rows, loss_fn)[0].tolist(), job.edges)
+    def step() -> dict:  # this rank's telemetry and the optimizer's grad norm
+        vec, stats = update(job, rows, loss_fn)
+        return {**unpack_metrics(vec.tolist(), job.edges), **stats}
+
+    first, second = step(), step()
     job.judge.close()
     return first, second

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from copd_mega.losses import (
-    clipped_surrogate_loss,
+    clipped_surrogate,
     expand_sequence_advantages,
     grpo_advantages,
     loss_normalizer,
@@ -18,6 +18,12 @@ from copd_mega.losses import (
 
 INF = float("inf")
 NAN = float("nan")
+
+
+def clipped_surrogate_loss(*args, **kwargs):
+    """``clipped_surrogate`` with its metrics as Python floats."""
+    loss, stats = clipped_surrogate(*args, **kwargs)
+    return loss, {k: float(v) for k, v in stats.items()}
 
 
 def close(a, b, tol=1e-5):

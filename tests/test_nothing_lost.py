@@ -273,7 +273,7 @@ def test_case6_checkpoint_and_data_errors_are_one_line_and_debug_shows_the_trace
             for i in range(40):
                 w.write({"__key__": f"{i:08d}", "json": b"{not json"})
     save_tokenizer(build_tokenizer(), data / "tokenizer.json")
-    res = copd("train", "--config", str(cfg), f"data.dir={data}")
+    res = copd("train", "--config", str(cfg), f"data.dir={data}", "data.max_prompt_tokens=8")
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     (line,) = error_lines(res.stderr)
     assert "bad samples in a row" in line and "arith" in line
