@@ -120,7 +120,9 @@ def pad_rows(mb: dict, rows: int) -> dict:
     for k, v in mb.items():
         if k == "position_ids":
             out[k] = v[:1].expand(rows, -1)
-        elif k != "teacher_topk" and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+        elif (
+            k != "teacher_topk" and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
+        ):
             out[k] = torch.cat([v, v.new_zeros((rows - n, *v.shape[1:]))])
         else:
             out[k] = v

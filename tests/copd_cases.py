@@ -101,6 +101,7 @@ def update_case(rank: int, overrides: list[str]):
     tokens = torch.randint(1, 100, (4, 10), generator=g)
     rows = grpo_rows(tokens, torch.tensor([3, 3, 4, 4]), torch.tensor([10, 9, 10, 8]),
                      torch.tensor([1.0, -1.0, 0.5, -0.5]))  # fmt: skip
+
     def step() -> dict:  # this rank's telemetry and the optimizer's grad norm
         vec, stats = update(job, rows, loss_fn)
         return {**unpack_metrics(vec.tolist(), job.edges), **stats}
