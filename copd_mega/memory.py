@@ -24,6 +24,10 @@ dim, F = ffn, V = vocabulary padded to ``pad_vocab_to * t``, e = 2 bytes bf16 / 
   layers in all (also at p = 1). Plus the output logits ``e * s * b * V / t`` kept for the
   log-prob backward, and the vision tower's layers on its patches when enabled.
 * **runtime reserve**: CUDA context, NCCL buffers, allocator slack (a fixed estimate).
+
+Not a separate part: the non-finite update guard (``step.optimizer_step``) copies this rank's
+optimizer shard during the optimizer step, once the forward-backward activations are freed, so
+that copy (the size of the optimizer part) fits inside the activations counted here.
 """
 
 from __future__ import annotations
