@@ -19,7 +19,7 @@ from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
-from copd_mega.datasets import ChatCodec, capabilities_of, check_branch_data, data_root
+from copd_mega.datasets import ChatCodec, capabilities_of
 from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.parallel.topology import Layout, plan_layout
 from copd_mega.schedule import StepPlan, build_plan
@@ -35,8 +35,6 @@ def validate_job(cfg: Config, world_size: int) -> Layout:
     layout = plan_layout(cfg, world_size)
     schedule_plan(cfg, layout.edges)
     check_media(cfg)
-    if not cfg.data.dir:  # a typo'd capability is named as the branches.N.data setting
-        check_branch_data(cfg, data_root(cfg))
     check_lengths(cfg)
     check_builtin_tokenizer(cfg)
     return layout
@@ -89,6 +87,14 @@ def prompt_positions_bound(cfg: Config) -> int:
         return cfg.data.max_prompt_tokens
     caps = sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
     unknown = [c for c in caps if c not in CAPABILITIES]
+    for i, b in enumerate(cfg.branches):  # a bare name that is no capability: most likely a typo
+        bad = [c for c in capabilities_of(b.data) if c in unknown and "/" not in c]
+        if bad and not cfg.data.dir:
+            raise ConfigError(
+                f"branches.{i}.data={b.data!r}: {bad[0]!r} is not a built-in capability "
+                f"({', '.join(CAPABILITIES)}); fix branches.{i}.data, or name a shard folder and "
+                "set data.max_prompt_tokens"
+            )
     if cfg.data.dir or unknown:
         what = f"data {unknown}" if unknown else f"data.dir={cfg.data.dir!r}"
         raise ConfigError(
