@@ -38,13 +38,13 @@ def _rank(rank: int, n: int, port: int, config: str, repeats: int, tmp: str) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    from copd_mega.checkpoint import save_step
+    from copd_mega.ckpt.checkpoint import save_step
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel import comm
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     spec = ", ".join(f'{{"name": "{b}", "data": "arith"}}' for b in NAMES[:n])
     cfg = load_config(config, [f"branches=[{spec}]", "teaching.hub=text", "checkpoint.keep_last=1"])

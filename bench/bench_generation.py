@@ -73,10 +73,10 @@ def prompts_for(n: int, longest: int, vocab: int, seed: int = 0) -> list[list[in
 def text_cases(rank: int, a: argparse.Namespace, pp: int) -> dict:
     """PP=``pp`` text model on this process group: greedy timing; at PP1 also KV vs full and
     compaction vs none. Results valid on every rank."""
-    from copd_mega.model import build_gpt
+    from copd_mega.models.gpt import build_gpt
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     cfg = text_config(a, pp, a.vocab)
     init_distributed()
@@ -101,8 +101,8 @@ def mixed_lengths(a: argparse.Namespace, topo) -> dict:
     token), with and without compaction, on a small-vocabulary model."""
     import torch
 
-    from copd_mega.model import build_gpt
-    from copd_mega.rollout import MegatronSampler, SamplingParams
+    from copd_mega.models.gpt import build_gpt
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     vocab = 64
     cfg = text_config(a, 1, vocab)
@@ -125,11 +125,11 @@ def vlm_cases(rank: int, a: argparse.Namespace) -> dict:
 
     from copd_mega.config import load_config
     from copd_mega.data.tokenizer import build_tokenizer, special_ids
+    from copd_mega.models.vlm import build_vlm
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rollout import SamplingParams
-    from copd_mega.vlm import build_vlm
-    from copd_mega.vlm_rollout import VLMSampler
+    from copd_mega.rl.rollout import SamplingParams
+    from copd_mega.rl.vlm_sampler import VLMSampler
 
     cfg = load_config(None, [
         "vision.enabled=true", "vision.num_layers=2", "vision.hidden_size=64",

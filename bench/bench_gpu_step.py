@@ -63,10 +63,10 @@ def peak_tflops(name: str, given: float) -> float:
 def build(a: argparse.Namespace):
     """The config, topology and branch model of one rank (bf16 on GPU, fp32 on CPU)."""
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     cfg = load_config(None, [
         f"model.num_layers={a.layers}", f"model.hidden_size={a.hidden}",
@@ -94,8 +94,8 @@ def train_steps(a, cfg, topo, bm, device) -> dict:
     """Seconds per optimizer step (best of the timed ones) and the last loss."""
     import torch
 
-    from copd_mega.logprobs import response_logprobs
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
+    from copd_mega.rl.logprobs import response_logprobs
 
     g = torch.Generator().manual_seed(0)
 
@@ -126,7 +126,7 @@ def generation(a, cfg, topo, bm) -> dict:
     """Generated tokens per second of the KV-cached sampler (fixed length: no EOS)."""
     import torch
 
-    from copd_mega.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, a.vocab, (a.gen_prompt,), generator=g).tolist()
@@ -147,7 +147,7 @@ def generation(a, cfg, topo, bm) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from copd_mega.model import compute_dtype, count_parameters
+    from copd_mega.models.gpt import compute_dtype, count_parameters
 
     a = parse_args(argv)
     if not a.dry and not torch.cuda.is_available():

@@ -36,10 +36,10 @@ def make_input(path: Path, a: argparse.Namespace, seed: int) -> int:
     """A random model checkpoint; returns its size in bytes."""
     import torch
 
+    from copd_mega.ckpt.offline import write_checkpoint
     from copd_mega.config import Config
     from copd_mega.hf.mapping import megatron_specs
-    from copd_mega.merge import write_checkpoint
-    from copd_mega.model import padded_vocab_size
+    from copd_mega.models.gpt import padded_vocab_size
 
     cfg = Config()
     m = cfg.model
@@ -68,9 +68,9 @@ def best_of(repeats: int, fn, cleanup) -> float:
 
 
 def main() -> None:
+    from copd_mega.ckpt.offline import merge_checkpoints
     from copd_mega.hf.export import export_hf
     from copd_mega.hf.importer import import_hf
-    from copd_mega.merge import merge_checkpoints
 
     a = parse_args()
     root = Path(a.dir or tempfile.mkdtemp(prefix="bench_merge_"))

@@ -20,16 +20,16 @@ DEBUG_FLAG = "--debug"
 RANK0_GRACE_S = 5.0
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("copd_mega.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
-    "pretrain": ("copd_mega.pretrain", "next-token training that makes a tiny base model"),
+    "plan": ("copd_mega.launch.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
+    "pretrain": ("copd_mega.trainer.pretrain", "next-token training that makes a tiny base model"),
     "train": (
-        "copd_mega.train",
+        "copd_mega.trainer.train",
         "run CoPD or a baseline mode (copd, expert, mixed, static_opd, mopd)",
     ),
-    "eval": ("copd_mega.evaluate", "greedy pass@1 per capability for checkpoints"),
+    "eval": ("copd_mega.trainer.evaluate", "greedy pass@1 per capability for checkpoints"),
     "demo": ("copd_mega.demo", "the embedded default job: data, base, CoPD, merge, eval, plots"),
-    "report": ("copd_mega.report", "plots and tables from run directories"),
-    "merge": ("copd_mega.merge", "average checkpoints tensor by tensor"),
+    "report": ("copd_mega.report.plots", "plots and tables from run directories"),
+    "merge": ("copd_mega.ckpt.offline", "average checkpoints tensor by tensor"),
     "export-hf": ("copd_mega.hf.export", "write a checkpoint as a Hugging Face model"),
     "import-hf": ("copd_mega.hf.importer", "read a Hugging Face model into a checkpoint"),
     "data": ("copd_mega.data.cli", "pack shards or synthesise built-in capabilities"),
@@ -44,10 +44,10 @@ def _usage() -> str:
 
 def domain_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (reported in one line), imported only when one is raised."""
+    from copd_mega.ckpt.sharded_state import CheckpointError
     from copd_mega.config import ConfigError
     from copd_mega.data.reader import DataError
     from copd_mega.hf.families import UnsupportedHFModel
-    from copd_mega.sharded_state import CheckpointError
 
     return (ConfigError, CheckpointError, DataError, UnsupportedHFModel)
 

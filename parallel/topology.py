@@ -124,7 +124,7 @@ def check_model_fits(cfg: Config) -> None:
             f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}"
         )
     if cfg.vision.enabled:
-        from copd_mega.vlm import check_vision_fits
+        from copd_mega.models.vlm import check_vision_fits
 
         check_vision_fits(cfg)
     if m.num_layers % p.pp:

@@ -12,7 +12,7 @@ THREE = (
 
 def setup(overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 
@@ -44,7 +44,7 @@ def exchange_round_trip(rank: int, overrides: list[str]):
     Returns what this rank received as a student and what it computed locally as a teacher.
     """
     from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_rollouts
-    from copd_mega.scoring import score_sequences
+    from copd_mega.rl.teacher_scores import score_sequences
 
     cfg, topo, bm = setup(overrides)
     perturb(bm, topo)
@@ -80,7 +80,7 @@ def merge_case(rank: int, overrides: list[str], weights: list[float]):
 def run_mode(rank: int, overrides: list[str]):
     """A whole `copd train` job in this process group; returns the eval table on rank 0."""
     from copd_mega.config import load_config
-    from copd_mega.train import train
+    from copd_mega.trainer.train import train
 
     cfg = load_config(None, overrides)
     table = train(cfg)
@@ -89,11 +89,11 @@ def run_mode(rank: int, overrides: list[str]):
 
 def update_case(rank: int, overrides: list[str]):
     """Two batches of hand-made GRPO rows with non-zero advantages through ``train.update``."""
-    from copd_mega.batches import grpo_rows
     from copd_mega.config import load_config
-    from copd_mega.job import build_job
-    from copd_mega.objective import make_loss_fn, unpack_metrics
-    from copd_mega.train import update
+    from copd_mega.rl.batches import grpo_rows
+    from copd_mega.rl.objective import make_loss_fn, unpack_metrics
+    from copd_mega.trainer.job import build_job
+    from copd_mega.trainer.train import update
 
     job = build_job(load_config(None, overrides))
     loss_fn = make_loss_fn(job.cfg, job.rt.topo, job.edges)

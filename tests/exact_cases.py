@@ -10,10 +10,10 @@ VOCAB = 100
 
 def setup(overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     cfg = load_config(None, [f"model.vocab_size={VOCAB}", *overrides])
     init_distributed()
@@ -39,7 +39,7 @@ def global_batch(seed: int, n_micro: int = 4, b: int = 2, s: int = 10) -> list[d
 
 def masked_nll(topo):
     """Loss function: summed NLL of the masked tokens (vocab-parallel), units = masked tokens."""
-    from copd_mega.logprobs import response_logprobs
+    from copd_mega.rl.logprobs import response_logprobs
 
     def loss_fn(mb: dict, logits: torch.Tensor):
         logp = response_logprobs(logits, mb["tokens"], topo.pg.tp, VOCAB)
@@ -55,7 +55,7 @@ def full_reduced_grads(bm, topo) -> dict[str, torch.Tensor]:
     The distributed optimizer leaves each DP rank with only its shard of every bucket reduced;
     all-gathering the owned shards over DP rebuilds the full reduced gradient buffer.
     """
-    from copd_mega.model import global_param_names
+    from copd_mega.models.gpt import global_param_names
 
     group = topo.pg.dp_cp
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -69,8 +69,8 @@ def full_reduced_grads(bm, topo) -> dict[str, torch.Tensor]:
 
 def dp_gradients(rank: int, overrides: list[str]):
     """Gradients and megatron's grad norm of one global batch split over the branch's DP ranks."""
-    from copd_mega.model import global_param_names
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.gpt import global_param_names
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     cfg, topo, bm = setup(overrides)
     mbs = global_batch(0)
@@ -89,13 +89,13 @@ def dp_gradients(rank: int, overrides: list[str]):
 
 
 def _full_params(bm) -> dict[str, torch.Tensor]:
-    from copd_mega.model import global_param_names
+    from copd_mega.models.gpt import global_param_names
 
     return {k: p.detach().float().clone() for k, p in global_param_names(bm.module).items()}
 
 
 def _train_step(bm, topo, seed: int) -> None:
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     run_microbatches(bm, topo, global_batch(seed, n_micro=2), masked_nll(topo))
     assert optimizer_step(bm)["skipped"] == 0.0
@@ -111,15 +111,15 @@ def merge_policies(
     model weights equal the merged masters rounded to the model dtype, and the parameters after
     the next step in place and after the restore.
     """
-    from copd_mega.checkpoint import load_latest, save_step
-    from copd_mega.model import build_branch_model
+    from copd_mega.ckpt.checkpoint import load_latest, save_step
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.merge import (
         inner_optimizers,
         master_shards,
         merge_in_place,
         moment_tensors,
     )
-    from copd_mega.step import prepare_for_training
 
     cfg, topo, _ = setup(overrides)
     out = {"branch": topo.branch.index, "coord": (topo.tp_rank, topo.pp_rank, topo.dp_rank)}

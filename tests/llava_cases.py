@@ -77,7 +77,7 @@ def prompts() -> tuple[list[list[int]], list[list[torch.Tensor]]]:
 
 def hf_inputs(sample: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same sample as HF LLaVA takes it: ``<image>`` repeated per image token, pixels."""
-    from copd_mega.vlm import normalize_images
+    from copd_mega.models.vlm import normalize_images
 
     ids, items = prompts()
     img = tokenizer_ids()["image"]
@@ -110,7 +110,7 @@ def _vlm_logits(model, cfg, topo) -> list[torch.Tensor]:
     """Full-vocabulary logits per sample, trimmed to each sample's own combined length."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from copd_mega.vlm import prepare_inputs
+    from copd_mega.models.vlm import prepare_inputs
 
     ids, items = prompts()
     batch = prepare_inputs(cfg, ids, items, tokenizer_ids()["image"])
@@ -123,10 +123,10 @@ def _vlm_logits(model, cfg, topo) -> list[torch.Tensor]:
 def _run_split(ckpt: str, overrides: list[str], fresh_save: str | None) -> dict:
     """Logits of a fresh seeded init (saved to ``fresh_save`` when given) and of the imported
     checkpoint, and the branch model's training steps, on a topology built for ``overrides``."""
-    from copd_mega.checkpoint import load_model, save_model
+    from copd_mega.ckpt.checkpoint import load_model, save_model
     from copd_mega.config import load_config
+    from copd_mega.models.vlm import build_vlm
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.vlm import build_vlm
 
     cfg = load_config(Path(ckpt) / "config.yaml", overrides)
     topo = build_topology(cfg)
@@ -155,7 +155,7 @@ def vlm_worker(rank: int, ckpt: str, fresh_save: str) -> dict:
 
 def _train_steps(cfg, topo) -> dict:
     """One optimizer step on a text-only batch (the ViT gets no gradient), one on a mixed one."""
-    from copd_mega.vlm import build_vlm_branch_model, prepare_inputs
+    from copd_mega.models.vlm import build_vlm_branch_model, prepare_inputs
 
     bm = build_vlm_branch_model(cfg, topo, lr=0.01)
     ids, items = prompts()
@@ -180,11 +180,11 @@ def _train_steps(cfg, topo) -> dict:
 
 def imported_logits_worker(rank: int, ckpt: str) -> list[torch.Tensor]:
     """TP1 logits of the checkpoint ``ckpt`` on :func:`prompts`."""
-    from copd_mega.checkpoint import load_model
+    from copd_mega.ckpt.checkpoint import load_model
     from copd_mega.config import load_config
+    from copd_mega.models.vlm import build_vlm
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.vlm import build_vlm
 
     cfg = load_config(Path(ckpt) / "config.yaml")
     init_distributed()

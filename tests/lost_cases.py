@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from copd_mega.checkpoint import COMPLETE_FILE
+from copd_mega.ckpt.checkpoint import COMPLETE_FILE
 
 # One branch, one rank, a few seconds per step on a CPU.
 TINY = [
@@ -134,7 +134,7 @@ def metrics_rows(run_dir: Path) -> dict[tuple[str, int], dict]:
 
 
 def model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from copd_mega.merge import CheckpointReader
+    from copd_mega.ckpt.offline import CheckpointReader
 
     reader = CheckpointReader(path)
     keys = [k for k in reader.specs if not k.startswith("optimizer")]
@@ -150,10 +150,10 @@ def guard_case(rank: int, overrides: list[str]) -> dict:
     import torch.nn.functional as F
 
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import optimizer_step, prepare_for_training, run_microbatches
 
     cfg = load_config(None, ["model.vocab_size=100", "model.tie_embeddings=false", "optim.lr=0.01",
                              *overrides])  # fmt: skip
@@ -200,9 +200,9 @@ def judge_case(rank: int, overrides: list[str], items: list) -> tuple[list[float
     import time
 
     from copd_mega.config import load_config
-    from copd_mega.judge import Judge
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
+    from copd_mega.rl.judge import Judge
 
     cfg = load_config(None, overrides)
     init_distributed()

@@ -27,11 +27,11 @@ def mm_exchange(rank: int, overrides: list[str]) -> dict:
     from copd_cases import perturb
 
     from copd_mega.config import load_config
-    from copd_mega.job import build_job
-    from copd_mega.multimodal import RowMedia
+    from copd_mega.models.multimodal import RowMedia
     from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
-    from copd_mega.scoring import score_sequences
-    from copd_mega.train import _vlm, rollout_peer
+    from copd_mega.rl.teacher_scores import score_sequences
+    from copd_mega.trainer.job import build_job
+    from copd_mega.trainer.train import _vlm, rollout_peer
 
     job = build_job(load_config(None, overrides))
     topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 def setup(overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     cfg = load_config(None, ["model.vocab_size=100", *overrides])
     init_distributed()
@@ -58,7 +58,7 @@ def tp_logits(rank: int, overrides: list[str]):
 
 def pp_training(rank: int, overrides: list[str], steps: int = 3):
     """Losses of `steps` optimizer steps over 2 microbatches (valid on the last PP stage)."""
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     cfg, topo, bm = setup(overrides)
     mbs = [batch(1), batch(2)]
@@ -74,7 +74,7 @@ def pp_training(rank: int, overrides: list[str], steps: int = 3):
 
 def isolation(rank: int, overrides: list[str]):
     """Branch A steps while B idles (B must stay bit-identical); then both step on own data."""
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     cfg, topo, bm = setup(overrides)
     name = topo.branch.name
@@ -93,7 +93,7 @@ def isolation(rank: int, overrides: list[str]):
 
 def reference_step(rank: int, overrides: list[str], seeds: list[int]):
     """One optimizer step of a single rank over microbatches built from `seeds`."""
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     cfg, topo, bm = setup(overrides)
     run_microbatches(bm, topo, [batch(s) for s in seeds], next_token_loss)

@@ -2,7 +2,7 @@
 
 import torch
 
-from copd_mega.batches import concat_rows, grpo_rows, microbatches, opd_rows
+from copd_mega.rl.batches import concat_rows, grpo_rows, microbatches, opd_rows
 
 
 def _parts():

@@ -41,16 +41,16 @@ COPD = [
 
 def _pretrain(rank: int, overrides: list[str]) -> str:
     from copd_mega.config import load_config
-    from copd_mega.pretrain import run_pretrain
+    from copd_mega.trainer.pretrain import run_pretrain
 
     return str(run_pretrain(load_config(None, overrides)))
 
 
 def _score(cfg, topo, ckpt: Path):
     """Log-probs and top-5 of TOKENS under the checkpoint, on this rank (None off the last stage)."""
-    from copd_mega.checkpoint import load_model
-    from copd_mega.model import build_branch_model
-    from copd_mega.scoring import score_sequences
+    from copd_mega.ckpt.checkpoint import load_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.rl.teacher_scores import score_sequences
 
     bm = build_branch_model(cfg, topo)
     load_model(ckpt, bm, topo)
@@ -65,7 +65,7 @@ def _train(rank: int, overrides: list[str]):
 
     from copd_mega.config import load_config
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.train import train
+    from copd_mega.trainer.train import train
 
     cfg = load_config(None, overrides)
     train(cfg)
@@ -156,10 +156,10 @@ def test_two_tp2_pp2_branches_train_resume_merge_export(dp, base, tmp_path):
 
 def _ragged_scores(rank: int, overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.scoring import score_sequences
+    from copd_mega.rl.teacher_scores import score_sequences
 
     cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.num_layers=2", *overrides])
     init_distributed()

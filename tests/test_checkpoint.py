@@ -16,7 +16,7 @@ import pytest
 import torch
 from lost_cases import fake_step
 
-from copd_mega.checkpoint import (
+from copd_mega.ckpt.checkpoint import (
     COMPLETE_FILE,
     CheckpointError,
     _apply_retention,
@@ -33,7 +33,7 @@ def _train_step(bm, topo, seed: int) -> None:
     """One optimizer step on random tokens drawn from ``seed`` (branch-specific data)."""
     import torch.nn.functional as F
 
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 100, (2, 8), generator=g)
@@ -69,12 +69,12 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _resume_worker(rank: int, root: str, layout: list[str], broken: str, lost: str) -> dict:
-    from copd_mega.checkpoint import load_latest, save_model, save_step
+    from copd_mega.ckpt.checkpoint import load_latest, save_model, save_step
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     cfg = load_config(None, [*layout, "optim.lr=0.01", "checkpoint.keep_last=2"])
     init_distributed()
@@ -147,7 +147,7 @@ def test_save_step_load_latest(tmp_path, layout, broken, lost):
         assert r["fallback_weights"]
     if layout == [TWO_BRANCHES]:
         assert res[0]["checksum"] != res[1]["checksum"]  # each branch got its own weights back
-        from copd_mega.merge import CheckpointReader, merge_checkpoints
+        from copd_mega.ckpt.offline import CheckpointReader, merge_checkpoints
 
         key = "decoder.final_layernorm.weight"
         for rank, name in enumerate("ab"):
@@ -166,9 +166,9 @@ KILL_SCRIPT = textwrap.dedent(
     def main(root):
         from copd_mega.parallel.dist import free_port
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        import copd_mega.checkpoint as ck
+        import copd_mega.ckpt.checkpoint as ck
         from copd_mega.config import load_config
-        from copd_mega.model import build_branch_model
+        from copd_mega.models.gpt import build_branch_model
         from copd_mega.parallel.dist import init_distributed
         from copd_mega.parallel.topology import build_topology
 
@@ -194,9 +194,9 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def _load_worker(rank: int, root: str) -> tuple[dict | None, list[str]]:
-    from copd_mega.checkpoint import load_latest
+    from copd_mega.ckpt.checkpoint import load_latest
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 
@@ -243,9 +243,9 @@ def _reshard_worker(rank: int, path: str, tp: int, save: bool) -> list[torch.Ten
 
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from copd_mega.checkpoint import load_model, save_model
+    from copd_mega.ckpt.checkpoint import load_model, save_model
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model, init_weights
+    from copd_mega.models.gpt import build_branch_model, init_weights
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 

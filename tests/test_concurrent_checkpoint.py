@@ -25,7 +25,7 @@ pytestmark = pytest.mark.multiproc
 
 def _distinct_weights(bm, cfg, branch_index: int) -> None:
     """Weights unlike the default init, one set per branch, identical at any TP split."""
-    from copd_mega.model import init_weights
+    from copd_mega.models.gpt import init_weights
 
     with torch.no_grad():
         init_weights(bm.module, dataclasses.replace(cfg, seed=7 + branch_index))
@@ -37,8 +37,8 @@ def _distinct_weights(bm, cfg, branch_index: int) -> None:
 
 def _train_step(bm, topo, cfg, seed: int) -> None:
     """One optimizer step of next-token NLL on random tokens (vocab-parallel log-probs)."""
-    from copd_mega.logprobs import token_logprobs
-    from copd_mega.step import optimizer_step, run_microbatches
+    from copd_mega.models.step import optimizer_step, run_microbatches
+    from copd_mega.rl.logprobs import token_logprobs
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 100, (2, 8), generator=g)
@@ -67,12 +67,12 @@ def _mark(path: Path, topo) -> None:
 
 
 def _tp2_worker(rank: int, tmp: str) -> dict:
-    from copd_mega.checkpoint import load_latest, load_model, save_model, save_step
+    from copd_mega.ckpt.checkpoint import load_latest, load_model, save_model, save_step
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     tmp = Path(tmp)
     cfg = load_config(None, [TWO_BRANCHES, "parallel.tp=2", "optim.lr=0.01"])
@@ -115,12 +115,12 @@ def _tp2_worker(rank: int, tmp: str) -> dict:
 
 
 def _tp1_worker(rank: int, tmp: str) -> None:
-    from copd_mega.checkpoint import save_model
+    from copd_mega.ckpt.checkpoint import save_model
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import prepare_for_training
 
     cfg = load_config(None, ["optim.lr=0.01"])
     init_distributed()
@@ -133,7 +133,7 @@ def _tp1_worker(rank: int, tmp: str) -> None:
 
 
 def test_branches_save_and_load_concurrently_at_tp2(tmp_path):
-    from copd_mega.merge import CheckpointReader
+    from copd_mega.ckpt.offline import CheckpointReader
 
     res = spawn(_tp2_worker, 4, str(tmp_path), timeout=400)
     for rank, r in enumerate(res):

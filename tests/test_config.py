@@ -17,7 +17,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_validates(path):
     """Every config passes what `copd train` checks at start-up, at its own world size."""
-    from copd_mega.validate import validate_job
+    from copd_mega.launch.validate import validate_job
 
     cfg = load_config(path)
     assert isinstance(cfg, Config)

@@ -45,9 +45,9 @@ def _train_one_step(rank: int, with_layer: bool):
     import torch.distributed as dist
 
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import optimizer_step, prepare_for_training, run_microbatches
     from parallel_cases import batch, next_token_loss
 
     cfg = load_config(None, ["model.vocab_size=100"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from exact_cases import dp_gradients
 
-from copd_mega.model import tp_slice
+from copd_mega.models.gpt import tp_slice
 from multiproc import spawn
 
 pytestmark = pytest.mark.multiproc

@@ -25,18 +25,18 @@ PRETRAIN = [
 
 def _pretrain(rank: int, overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.pretrain import run_pretrain
+    from copd_mega.trainer.pretrain import run_pretrain
 
     return str(run_pretrain(load_config(None, overrides)))
 
 
 def _trainer_greedy(rank: int, overrides: list[str], ckpt: str):
-    from copd_mega.checkpoint import load_model
+    from copd_mega.ckpt.checkpoint import load_model
     from copd_mega.config import load_config
-    from copd_mega.datasets import make_reader
-    from copd_mega.model import build_gpt
-    from copd_mega.rollout import MegatronSampler, SamplingParams
-    from copd_mega.runtime import start
+    from copd_mega.launch.datasets import make_reader
+    from copd_mega.launch.runtime import start
+    from copd_mega.models.gpt import build_gpt
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     cfg = load_config(None, overrides)
     rt = start(cfg)
@@ -62,7 +62,7 @@ def _copd_eval(rank: int, argv: list[str]):
     import contextlib
     import io
 
-    from copd_mega.evaluate import main as eval_main
+    from copd_mega.trainer.evaluate import main as eval_main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -136,12 +136,12 @@ def _copd(rank: int, argv: list[str]) -> int:
 def _trainer_chat_greedy(rank: int, config: str, ckpt: str):
     """The trainer's own greedy generation on held-out prompts of both capabilities, one rank
     (the run's config with one branch: same run dir, so the cached HF conversion is reused)."""
-    from copd_mega.checkpoint import load_model
+    from copd_mega.ckpt.checkpoint import load_model
     from copd_mega.config import load_config
-    from copd_mega.datasets import make_reader
-    from copd_mega.model import build_gpt
-    from copd_mega.rollout import MegatronSampler, SamplingParams
-    from copd_mega.runtime import start
+    from copd_mega.launch.datasets import make_reader
+    from copd_mega.launch.runtime import start
+    from copd_mega.models.gpt import build_gpt
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     cfg = load_config(config, ["branches=[{name: arith, data: arith}]", "teaching.graph=none"])
     rt = start(cfg)

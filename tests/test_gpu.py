@@ -15,10 +15,10 @@ pytestmark = pytest.mark.gpu
 
 def _gpu_step(rank: int):
     from copd_mega.config import load_config
-    from copd_mega.model import build_branch_model, compute_dtype
+    from copd_mega.models.gpt import build_branch_model, compute_dtype
+    from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.step import optimizer_step, prepare_for_training, run_microbatches
     from parallel_cases import batch
 
     cfg = load_config(None, ["model.vocab_size=100", "model.num_layers=2"])
@@ -30,7 +30,7 @@ def _gpu_step(rank: int):
     mb = {k: v.to(dev) for k, v in batch(0).items()}
 
     def loss_fn(mb, logits):
-        from copd_mega.logprobs import token_logprobs
+        from copd_mega.rl.logprobs import token_logprobs
 
         lp = token_logprobs(logits, mb["labels"], topo.pg.tp, 100)
         return -lp.sum(), torch.tensor(lp.numel(), device=dev), {"nll": -lp.detach().mean()}

@@ -69,9 +69,9 @@ def _megatron_worker(rank: int, ckpts: dict[str, str], save_root: str) -> dict:
     full-vocab logits; the RESAVED ones are saved again from the TP2 model and from a PP2 one."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from copd_mega.checkpoint import load_model, save_model
+    from copd_mega.ckpt.checkpoint import load_model, save_model
     from copd_mega.config import load_config
-    from copd_mega.model import build_gpt
+    from copd_mega.models.gpt import build_gpt
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 

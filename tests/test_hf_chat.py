@@ -26,7 +26,7 @@ def qwen3_dir(tmp_path_factory):
     ],
 )
 def test_answer_after_reasoning_block(response, answer):
-    from copd_mega.rewards import extract_answer, score_one
+    from copd_mega.rl.rewards import extract_answer, score_one
 
     assert extract_answer(response) == answer
     assert score_one(response, "46", "exact") == float(answer == "46")
@@ -36,7 +36,7 @@ def test_chat_codec_uses_the_template_and_end_ids(qwen3_dir):
     from transformers import AutoTokenizer
 
     from copd_mega.config import DataConfig
-    from copd_mega.datasets import ChatCodec
+    from copd_mega.launch.datasets import ChatCodec
 
     tok = AutoTokenizer.from_pretrained(qwen3_dir)
     end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
@@ -65,8 +65,8 @@ def test_model_config_comes_from_the_hf_directory(qwen3_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from copd_mega.config import ConfigError, load_config, save_config
-    from copd_mega.model import count_parameters
-    from copd_mega.plan import main as plan_main
+    from copd_mega.launch.plan import main as plan_main
+    from copd_mega.models.gpt import count_parameters
 
     over = [f"checkpoint.init_from_hf={qwen3_dir}"]
     cfg = load_config(None, over)
@@ -135,7 +135,7 @@ def test_hf_init_is_converted_once_and_checked(qwen3_dir, tmp_path):
 
 def _prepare(rank: int, overrides: list[str]) -> str:
     from copd_mega.config import load_config
-    from copd_mega.datasets import prepare_data
+    from copd_mega.launch.datasets import prepare_data
     from copd_mega.parallel.dist import init_distributed
 
     init_distributed()

@@ -48,9 +48,9 @@ def runs(imported, tmp_path_factory) -> dict:
 
 
 def test_imported_config(imported):
-    from copd_mega.checkpoint import CONFIG_FILE
+    from copd_mega.ckpt.checkpoint import CONFIG_FILE
     from copd_mega.config import load_config
-    from copd_mega.vlm import image_token_count
+    from copd_mega.models.vlm import image_token_count
 
     cfg = load_config(imported / CONFIG_FILE)
     assert cfg.vision.enabled and (cfg.vision.image_size, cfg.vision.patch_size) == (32, 8)
@@ -120,8 +120,8 @@ def test_export_gives_back_original_tensors(hf_dir, imported, tmp_path):
 def test_export_from_a_dict_of_global_tensors(imported, tmp_path):
     from safetensors.torch import load_file
 
+    from copd_mega.ckpt.offline import CheckpointReader
     from copd_mega.hf.llava import export_llava
-    from copd_mega.merge import CheckpointReader
 
     reader = CheckpointReader(imported)
     state = reader.read(dict.fromkeys(reader.specs))
@@ -143,7 +143,7 @@ def _check_processors(out: Path, auto_image, auto_processor) -> None:
     import numpy as np
     from PIL import Image
 
-    from copd_mega.vlm import normalize_images
+    from copd_mega.models.vlm import normalize_images
 
     pixels = (torch.rand(3, 32, 32) * 255).round().to(torch.uint8)
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -170,7 +170,7 @@ def test_export_of_megatron_tp2_checkpoint_matches_megatron_logits(runs, tmp_pat
 
 def test_prepare_inputs_positions_and_errors():
     from copd_mega.config import load_config
-    from copd_mega.vlm import PLACEHOLDER, prepare_inputs, with_placeholders
+    from copd_mega.models.vlm import PLACEHOLDER, prepare_inputs, with_placeholders
 
     cfg = load_config(None, ["vision.enabled=true", "model.vocab_size=101"])
     ids, items = prompts()

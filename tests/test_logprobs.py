@@ -1,11 +1,11 @@
-"""copd_mega.logprobs against a direct full-vocabulary log-softmax, at TP1 and on 2 gloo ranks."""
+"""copd_mega.rl.logprobs against a direct full-vocabulary log-softmax, at TP1 and on 2 gloo ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from copd_mega.logprobs import response_logprobs, token_entropy, token_logprobs, token_topk
+from copd_mega.rl.logprobs import response_logprobs, token_entropy, token_logprobs, token_topk
 from multiproc import spawn
 
 VOCAB = 100  # real vocabulary; the logits carry 112 rows (padded to a multiple of 8 x TP2)

@@ -1,11 +1,11 @@
-"""CPU unit tests of copd_mega.losses against hand-computed numbers."""
+"""CPU unit tests of copd_mega.rl.losses against hand-computed numbers."""
 
 import math
 
 import pytest
 import torch
 
-from copd_mega.losses import (
+from copd_mega.rl.losses import (
     clipped_surrogate,
     expand_sequence_advantages,
     grpo_advantages,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from copd_mega.checkpoint import CheckpointError
+from copd_mega.ckpt.checkpoint import CheckpointError
+from copd_mega.ckpt.offline import CheckpointReader, main, merge_checkpoints, write_checkpoint
 from copd_mega.config import Config
 from copd_mega.hf.mapping import megatron_specs
-from copd_mega.merge import CheckpointReader, main, merge_checkpoints, write_checkpoint
-from copd_mega.model import padded_vocab_size
+from copd_mega.models.gpt import padded_vocab_size
 from multiproc import spawn
 
 
@@ -80,9 +80,9 @@ def test_mismatched_inputs_name_the_key_and_files(tmp_path, capsys):
 def _load_and_resave(rank: int, src: str, dst: str) -> str:
     """Load ``src`` into a Megatron model (TP1) and save it again as ``dst``; then try loading it
     into an untied model and return the error message."""
-    from copd_mega.checkpoint import load_model, save_model
+    from copd_mega.ckpt.checkpoint import load_model, save_model
     from copd_mega.config import load_config
-    from copd_mega.model import build_gpt
+    from copd_mega.models.gpt import build_gpt
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 

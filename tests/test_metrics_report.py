@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from copd_mega.metrics import MetricsLogger, read_metrics
-from copd_mega.report import main as report_main
+from copd_mega.report.metrics import MetricsLogger, read_metrics
+from copd_mega.report.plots import main as report_main
 
 
 def _log_run(run_dir, wandb="disabled"):

@@ -14,7 +14,7 @@ from multiproc import spawn
 
 
 def test_row_media_pack_and_slices():
-    from copd_mega.multimodal import RowMedia
+    from copd_mega.models.multimodal import RowMedia
 
     img, vid = torch.rand(3, 8, 8), torch.rand(4, 3, 8, 8)
     media = RowMedia.from_lists([[img], [], [vid], [img, vid]], 8)
@@ -30,13 +30,13 @@ def test_row_media_pack_and_slices():
 def test_video_frames_sampled_once_identical_in_rollout_and_training(tmp_path):
     """The reader samples ``frame_indices`` once per video; the same tensors reach the
     training microbatch (CLIP-normalised there) after a pack/unpack as in the exchange."""
-    from copd_mega.batches import sequence_microbatches
     from copd_mega.config import load_config
     from copd_mega.data.media import frame_indices
     from copd_mega.data.reader import ShardReader
-    from copd_mega.datasets import PromptCodec, make_reader, prepare_data, shard_paths
-    from copd_mega.multimodal import MediaSpec, RowMedia, prompts_and_media
-    from copd_mega.vlm import normalize_images
+    from copd_mega.launch.datasets import PromptCodec, make_reader, prepare_data, shard_paths
+    from copd_mega.models.multimodal import MediaSpec, RowMedia, prompts_and_media
+    from copd_mega.models.vlm import normalize_images
+    from copd_mega.rl.batches import sequence_microbatches
 
     cfg = load_config(None, [*TINY_MM, f"run_dir={tmp_path}"])
     codec = PromptCodec(prepare_data(cfg))

@@ -56,7 +56,7 @@ def test_case1_damaged_checkpoints_are_never_started_over_or_deleted(tmp_path):
 
 
 def test_case1_retention_keeps_damaged_and_newer_steps(tmp_path):
-    from copd_mega.checkpoint import _apply_retention
+    from copd_mega.ckpt.checkpoint import _apply_retention
 
     for s in (1, 2, 3, 5, 8):
         fake_step(tmp_path, s)
@@ -103,8 +103,8 @@ def test_case2_finished_run_is_left_untouched(tmp_path):
 
 def test_case2_start_modes(tmp_path):
     """How a job starts, for each resume mode and what the run directory holds (files only)."""
-    from copd_mega.checkpoint import CheckpointError
-    from copd_mega.job import start_mode
+    from copd_mega.ckpt.checkpoint import CheckpointError
+    from copd_mega.trainer.job import start_mode
 
     def mode(resume: str, retrain: bool = False) -> str:
         cfg = load_config(None, [f"run_dir={tmp_path}", f"checkpoint.resume={resume}"])
@@ -133,7 +133,7 @@ def test_configs_saved_with_a_boolean_resume_still_load(tmp_path):
 
 
 def test_case2_metrics_cut_back_to_the_resumed_step(tmp_path):
-    from copd_mega.metrics import MetricsLogger
+    from copd_mega.report.metrics import MetricsLogger
 
     log = MetricsLogger(tmp_path, "a", True, 10, progress=False)
     for step in range(5):
@@ -232,7 +232,7 @@ def test_case4_update_that_makes_weights_non_finite_is_undone():
 def test_case5_step_without_torch_metadata_is_skipped_for_the_previous(tmp_path):
     import warnings
 
-    from copd_mega.checkpoint import find_resume_step, incomplete_reason
+    from copd_mega.ckpt.checkpoint import find_resume_step, incomplete_reason
 
     fake_step(tmp_path, 1)
     fake_step(tmp_path, 2)

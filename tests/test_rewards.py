@@ -1,4 +1,4 @@
-"""CPU tests of copd_mega.rewards: extraction, per-type scoring, and the hang-proof worker pool."""
+"""CPU tests of copd_mega.rl.rewards: extraction, per-type scoring, and the hang-proof worker pool."""
 
 import multiprocessing as mp
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from copd_mega.rewards import RewardPool, extract_answer, score_one
+from copd_mega.rl.rewards import RewardPool, extract_answer, score_one
 
 DEADLINE_S = 2.0
 # math-verify evaluates this power tower for minutes (we measured > 30 s); it must not block.

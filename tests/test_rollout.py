@@ -1,4 +1,4 @@
-"""copd_mega.rollout: the sampling rules and decode loop (pure), then the Megatron sampler on gloo.
+"""copd_mega.rl.rollout: the sampling rules and decode loop (pure), then the Megatron sampler on gloo.
 
 Pipeline-parallel generation, micro-batches and compaction at TP x PP: ``test_rollout_pp.py``.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from copd_mega.config import load_config
-from copd_mega.rollout import (
+from copd_mega.rl.rollout import (
     MegatronSampler,
     PromptBatch,
     Rollouts,
@@ -223,11 +223,11 @@ MODEL = ["model.vocab_size=100", "model.tie_embeddings=false", "model.init_std=0
 
 def sampler_cases(rank: int, tp: int) -> dict:
     """Every generation case on one rank of a TP=``tp`` branch (DDP-wrapped model)."""
-    from copd_mega.logprobs import response_logprobs
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rollout import full_recompute_generate
+    from copd_mega.rl.logprobs import response_logprobs
+    from copd_mega.rl.rollout import full_recompute_generate
 
     cfg = load_config(None, [*MODEL, f"parallel.tp={tp}"])
     init_distributed()

@@ -8,7 +8,7 @@ import torch
 
 from copd_mega.config import load_config
 from copd_mega.parallel.topology import plan_layout
-from copd_mega.pipeline_step import last_stage_source
+from copd_mega.rl.pipeline_step import last_stage_source
 from multiproc import spawn
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [30, 31]]
@@ -21,10 +21,10 @@ NEW = 16
 
 def pp_cases(rank: int, tp: int, pp: int) -> dict:
     """Every generation case on one rank of a TP=``tp`` x PP=``pp`` branch (DDP-wrapped)."""
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
 
     cfg = load_config(None, [*MODEL, f"parallel.tp={tp}", f"parallel.pp={pp}"])
     init_distributed()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from copd_mega.config import load_config, save_config
-from copd_mega.scaling_report import main, summarize, summarize_run
+from copd_mega.report.scaling import main, summarize, summarize_run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -101,7 +101,7 @@ def test_cli_error_names_the_directory(tmp_path, capsys):
 
 
 def test_dispatched_from_copd_report(tmp_path):
-    from copd_mega.report import main as report_main
+    from copd_mega.report.plots import main as report_main
 
     run = _write_run(tmp_path, 1)
     assert report_main(["scaling", str(run), "--png", str(tmp_path / "p.png")]) == 0

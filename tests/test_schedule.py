@@ -1,10 +1,10 @@
-"""CPU unit tests of copd_mega.schedule: step counts, phases, learners, edges, resume, errors."""
+"""CPU unit tests of copd_mega.rl.schedule: step counts, phases, learners, edges, resume, errors."""
 
 from collections import Counter
 
 import pytest
 
-from copd_mega.schedule import ScheduleState, StepPlan, build_plan, remaining_steps
+from copd_mega.rl.schedule import ScheduleState, StepPlan, build_plan, remaining_steps
 
 BR2 = ["text", "image"]
 BR3 = ["text", "image", "video"]

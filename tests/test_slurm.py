@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from slurm_local import SlurmUnavailable, start_local_slurm
 
+from copd_mega.launch.plan import main as plan_main
 from copd_mega.parallel.dist import free_port
-from copd_mega.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "copd_8branch.sh"

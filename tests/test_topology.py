@@ -5,8 +5,8 @@ import re
 import pytest
 
 from copd_mega.config import ConfigError, load_config
+from copd_mega.launch.plan import main as plan_main
 from copd_mega.parallel.topology import plan_layout, teaching_edges
-from copd_mega.plan import main as plan_main
 
 
 def three_branches(graph="hub_spoke", hub="text", tp=2, pp=1, dp=2, extra=()):
@@ -118,7 +118,7 @@ def test_kv_cache_too_big_names_a_batch_size_that_fits(capsys):
 
 
 def test_memory_parts_follow_the_formulas():
-    from copd_mega.memory import GIB, memory_parts
+    from copd_mega.launch.memory import GIB, memory_parts
 
     over = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "model.num_layers=4",
             "rollout.max_batch_size=3", "rollout.max_new_tokens=20", "data.max_prompt_tokens=12",
@@ -141,8 +141,8 @@ def test_memory_parts_follow_the_formulas():
 
 def _local_param_counts(rank: int, overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.memory import stage_params, vision_params
-    from copd_mega.model import build_gpt
+    from copd_mega.launch.memory import stage_params, vision_params
+    from copd_mega.models.gpt import build_gpt
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 
@@ -150,7 +150,7 @@ def _local_param_counts(rank: int, overrides: list[str]):
     init_distributed()
     topo = build_topology(cfg)
     if cfg.vision.enabled:
-        from copd_mega.vlm import build_vlm
+        from copd_mega.models.vlm import build_vlm
 
         model = build_vlm(cfg, topo)
         vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vision_"))
@@ -197,7 +197,7 @@ SOLO = "schedule.mode=expert"  # one branch learns alone (copd needs two)
 def test_plan_refuses_what_train_refuses(overrides, fragment, capsys):
     """Each of these passed `copd plan` before and failed at `copd train` start-up (or on the
     cluster): the shared ``validate_job`` refuses them in the dry run, in one line."""
-    from copd_mega.validate import validate_job
+    from copd_mega.launch.validate import validate_job
 
     world = 2 if "parallel.pp=2" in overrides else 1
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -212,7 +212,7 @@ def test_plan_refuses_what_train_refuses(overrides, fragment, capsys):
 def test_builtin_prompt_bound_is_the_longest_prompt():
     from copd_mega.data.synthetic import make_samples
     from copd_mega.data.tokenizer import build_tokenizer
-    from copd_mega.validate import prompt_positions_bound
+    from copd_mega.launch.validate import prompt_positions_bound
 
     tok = build_tokenizer()
     for cap in ("arith", "reverse", "sort"):
@@ -230,7 +230,7 @@ def test_builtin_prompt_bound_is_the_longest_prompt():
 def test_a_prompt_over_the_bound_is_refused():
     import torch
 
-    from copd_mega.validate import check_prompts
+    from copd_mega.launch.validate import check_prompts
 
     cfg = load_config(None, ["vision.enabled=true", "data.max_prompt_tokens=40"])
     frames = torch.zeros(2, 3, 32, 32)  # 2 frames x 16 positions
@@ -241,7 +241,7 @@ def test_a_prompt_over_the_bound_is_refused():
 
 def _train_start_error(rank: int, overrides: list[str]) -> str:
     from copd_mega.config import ConfigError, load_config
-    from copd_mega.job import build_job
+    from copd_mega.trainer.job import build_job
 
     try:
         build_job(load_config(None, overrides))
@@ -252,7 +252,7 @@ def _train_start_error(rank: int, overrides: list[str]) -> str:
 
 @pytest.mark.multiproc
 def test_train_start_up_runs_the_same_validation(tmp_path):
-    from copd_mega.validate import validate_job
+    from copd_mega.launch.validate import validate_job
     from multiproc import spawn
 
     over = ["teaching.graph=hub_spoke", "teaching.hub=text", f"run_dir={tmp_path}"]

@@ -22,11 +22,11 @@ def vlm_cases(rank: int, tp: int) -> dict:
     """Every VLM generation case on one rank of a TP=``tp`` branch (DDP-wrapped LLaVA)."""
     from llava_cases import prompts, tokenizer_ids
 
-    from copd_mega.model import build_branch_model
+    from copd_mega.models.gpt import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rollout import SamplingParams
-    from copd_mega.vlm_rollout import VLMSampler
+    from copd_mega.rl.rollout import SamplingParams
+    from copd_mega.rl.vlm_sampler import VLMSampler
 
     cfg = load_config(None, [*VLM, f"parallel.tp={tp}"])
     init_distributed()
@@ -101,7 +101,7 @@ def test_vlm_kv_cache_equals_full_recompute_tp2_and_tp1(tp1, tp2):
 def test_vlm_sampler_refuses_pp2():
     from types import SimpleNamespace
 
-    from copd_mega.vlm_rollout import VLMSampler
+    from copd_mega.rl.vlm_sampler import VLMSampler
 
     topo = SimpleNamespace(layout=SimpleNamespace(pp=2))
     with pytest.raises(ValueError, match="parallel.pp=2"):

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from copd_mega.checkpoint import CheckpointError
+from copd_mega.ckpt.checkpoint import CheckpointError
+from copd_mega.ckpt.offline import CheckpointReader, progress_bar
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, hf_config
 from copd_mega.hf.init_from_hf import copy_tokenizer_files
-from copd_mega.merge import CheckpointReader, progress_bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPECIAL = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from copd_mega.ckpt.offline import TensorSpec, write_checkpoint
 from copd_mega.config import Config, validate
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, UnsupportedHFModel, model_config_from_hf
 from copd_mega.hf.init_from_hf import copy_tokenizer_files
-from copd_mega.merge import TensorSpec, write_checkpoint
-from copd_mega.model import padded_vocab_size
+from copd_mega.models.gpt import padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from copd_mega.checkpoint import CheckpointError
+from copd_mega.ckpt.checkpoint import CheckpointError
+from copd_mega.ckpt.offline import CheckpointReader, TensorSpec, progress_bar, write_checkpoint
 from copd_mega.config import Config, validate
 from copd_mega.hf import llava_mapping as lm
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.export import DTYPES, ShardWriter, export_tensors, parse_size, staged_output
 from copd_mega.hf.families import UnsupportedHFModel
 from copd_mega.hf.importer import SafetensorsDir, make_producer
-from copd_mega.merge import CheckpointReader, TensorSpec, progress_bar, write_checkpoint
-from copd_mega.model import padded_vocab_size
-from copd_mega.vlm import check_vision_fits
+from copd_mega.models.gpt import padded_vocab_size
+from copd_mega.models.vlm import check_vision_fits
 
 IMAGE_TOKEN = "<image>"
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from copd_mega.ckpt.offline import TensorSpec
 from copd_mega.config import Config, ModelConfig, VisionConfig
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import UnsupportedHFModel, hf_config, model_config_from_hf
-from copd_mega.merge import TensorSpec
-from copd_mega.vlm import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS, image_token_count
+from copd_mega.models.vlm import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS, image_token_count
 
 LM, VIT, PROJ = "language_model.", "vision_model.", "vision_projection.encoder."
 VIT_LAYERS = VIT + "decoder.layers."

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from copd_mega.ckpt.offline import TensorSpec
 from copd_mega.config import ModelConfig
-from copd_mega.merge import TensorSpec
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"

@@ -15,7 +15,7 @@ How :class:`MegatronSampler` works (it follows megatron's static-batching text g
   (causal mask); after that the model takes one position per forward: a row still inside its
   prompt is fed its own prompt token (its sample is discarded), the other rows feed their last
   sampled token. No attention mask is needed and each row sees exactly its own prefix.
-* **KV cache and pipeline stages:** :class:`copd_mega.pipeline_step.GPTStep` runs each forward
+* **KV cache and pipeline stages:** :class:`copd_mega.rl.pipeline_step.GPTStep` runs each forward
   through the branch's PP stages (hidden states sent stage to stage, every stage caching its own
   layers in megatron's ``StaticInferenceContext``); the last stage returns full-vocabulary logits
   (``runtime_gather_output``) on every TP rank and samples.
@@ -33,7 +33,7 @@ How :class:`MegatronSampler` works (it follows megatron's static-batching text g
 * **Sampler log-probs** (diagnostics; the trainer recomputes old log-probs with a forward pass):
   log-softmax of the *plain model distribution at temperature 1* over the real vocabulary,
   gathered at the sampled token, whatever temperature/top-k/top-p was used to draw it. This is
-  what ``copd_mega.logprobs.response_logprobs`` recomputes, so the two compare directly.
+  what ``copd_mega.rl.logprobs.response_logprobs`` recomputes, so the two compare directly.
 * Eval mode and ``torch.no_grad`` during generation (not ``inference_mode``, as a precaution:
   megatron's RoPE memoises its tables with ``lru_cache`` and training reuses them); the model's
   train/eval mode is restored afterwards.
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
-from copd_mega.pipeline_step import GPTStep, share_from_last_stage
+from copd_mega.rl.pipeline_step import GPTStep, share_from_last_stage
 
 CHECK_EVERY = 8  # positions between host checks for finished rows (compaction, early stop)
 COMPACT_FRACTION = 8  # compact once finished rows are at least 1/8 of the running batch

@@ -12,12 +12,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from copd_mega.datasets import capabilities_of, make_reader
-from copd_mega.judge import Judge
-from copd_mega.multimodal import generate, prompts_and_media
+from copd_mega.launch.datasets import capabilities_of, make_reader
+from copd_mega.launch.runtime import Runtime
+from copd_mega.models.multimodal import generate, prompts_and_media
 from copd_mega.parallel import comm
-from copd_mega.rollout import SamplingParams
-from copd_mega.runtime import Runtime
+from copd_mega.rl.judge import Judge
+from copd_mega.rl.rollout import SamplingParams
 
 
 @torch.no_grad()
@@ -71,11 +71,11 @@ def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     """``copd eval --config C --ckpt DIR [DIR...] [overrides]``: one process group, each ckpt."""
-    from copd_mega.checkpoint import load_model
+    from copd_mega.ckpt.checkpoint import load_model
     from copd_mega.config import ConfigError, load_config
-    from copd_mega.model import build_gpt
-    from copd_mega.runtime import shutdown, start
-    from copd_mega.vlm_rollout import make_sampler
+    from copd_mega.launch.runtime import shutdown, start
+    from copd_mega.models.gpt import build_gpt
+    from copd_mega.rl.vlm_sampler import make_sampler
 
     ap = argparse.ArgumentParser(prog="copd eval", description=__doc__)
     ap.add_argument("--config", required=True)
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
         return 1
     rt = start(cfg)
     if cfg.vision.enabled:
-        from copd_mega.vlm import build_vlm
+        from copd_mega.models.vlm import build_vlm
 
         model = build_vlm(cfg, rt.topo)
     else:

@@ -4,7 +4,7 @@ and no GPUs.
 It runs ``validate.validate_job``, the same checks ``copd train`` runs at start-up, and the same
 text is printed by ``copd train`` on global rank 0 before any model is built, so a dry run on a
 laptop shows exactly what the Slurm job will do. With ``--gpu-memory-gb G`` it exits 1, in one
-line naming the setting to change, when the memory plan (``copd_mega.memory``) exceeds G GiB.
+line naming the setting to change, when the memory plan (``copd_mega.launch.memory``) exceeds G GiB.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import argparse
 import sys
 
 from copd_mega.config import Config, ConfigError, load_config
-from copd_mega.memory import GIB, fit_error, memory_parts, stage_params, vision_params
-from copd_mega.model import count_parameters
+from copd_mega.launch.memory import GIB, fit_error, memory_parts, stage_params, vision_params
+from copd_mega.launch.validate import validate_job
+from copd_mega.models.gpt import count_parameters
 from copd_mega.parallel.topology import Layout
-from copd_mega.validate import validate_job
 
 
 def _fmt_groups(groups: list[list[int]], limit: int = 4) -> str:
@@ -39,7 +39,7 @@ def _bytes(n: float) -> str:
 
 
 def format_memory(cfg: Config) -> list[str]:
-    """The per-GPU memory plan as lines (``copd_mega.memory`` states every formula)."""
+    """The per-GPU memory plan as lines (``copd_mega.launch.memory`` states every formula)."""
     try:
         parts = memory_parts(cfg)
     except ConfigError as e:  # only when the prompt bound is unknown (not a training job)

@@ -39,10 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from copd_mega.config import Config, save_config
-from copd_mega.parallel import comm
-from copd_mega.rng_state import capture_rng, restore_rng
-from copd_mega.sharded_state import (
+from copd_mega.ckpt.rng_state import capture_rng, restore_rng
+from copd_mega.ckpt.sharded_state import (
     CONFIG_FILE,
     CheckpointError,
     everywhere,
@@ -54,6 +52,8 @@ from copd_mega.sharded_state import (
     to_savable,
     train_sharded_state_dict,
 )
+from copd_mega.config import Config, save_config
+from copd_mega.parallel import comm
 
 TOKENIZER_FILE = "tokenizer.json"
 COMPLETE_FILE = "complete.json"

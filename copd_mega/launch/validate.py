@@ -19,11 +19,11 @@ from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
-from copd_mega.datasets import ChatCodec, capabilities_of
 from copd_mega.hf.init_from_hf import hf_init_dir
+from copd_mega.launch.datasets import ChatCodec, capabilities_of
+from copd_mega.models.vlm import image_token_count
 from copd_mega.parallel.topology import Layout, plan_layout
-from copd_mega.schedule import StepPlan, build_plan
-from copd_mega.vlm import image_token_count
+from copd_mega.rl.schedule import StepPlan, build_plan
 
 
 def validate_job(cfg: Config, world_size: int) -> Layout:

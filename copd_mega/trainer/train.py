@@ -18,10 +18,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from copd_mega.batches import Rows, concat_rows, grpo_rows, microbatches, opd_rows
-from copd_mega.checkpoint import CheckpointError, save_step, write_text_atomic
+from copd_mega.ckpt.checkpoint import CheckpointError, save_step, write_text_atomic
 from copd_mega.config import Config, load_config
-from copd_mega.job import (
+from copd_mega.launch.runtime import shutdown
+from copd_mega.launch.validate import check_prompts
+from copd_mega.models.gpt import branch_seed
+from copd_mega.models.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
+from copd_mega.models.step import all_finite, optimizer_step, run_microbatches
+from copd_mega.parallel import comm
+from copd_mega.parallel.dist import read_launch_env
+from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
+from copd_mega.parallel.merge import merge_in_place
+from copd_mega.rl.batches import Rows, concat_rows, grpo_rows, microbatches, opd_rows
+from copd_mega.rl.losses import grpo_advantages
+from copd_mega.rl.objective import make_loss_fn, metric_width, unpack_metrics
+from copd_mega.rl.rollout import Rollouts, SamplingParams
+from copd_mega.rl.schedule import StepPlan, remaining_steps
+from copd_mega.rl.teacher_scores import score_sequences
+from copd_mega.trainer.job import (
     BranchJob,
     build_job,
     evaluate_all_branches,
@@ -32,21 +46,7 @@ from copd_mega.job import (
     trainer_state,
     write_eval,
 )  # fmt: skip
-from copd_mega.losses import grpo_advantages
-from copd_mega.model import branch_seed
-from copd_mega.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
-from copd_mega.objective import make_loss_fn, metric_width, unpack_metrics
-from copd_mega.parallel import comm
-from copd_mega.parallel.dist import read_launch_env
-from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
-from copd_mega.parallel.merge import merge_in_place
-from copd_mega.preemption import Preemption
-from copd_mega.rollout import Rollouts, SamplingParams
-from copd_mega.runtime import shutdown
-from copd_mega.schedule import StepPlan, remaining_steps
-from copd_mega.scoring import score_sequences
-from copd_mega.step import all_finite, optimizer_step, run_microbatches
-from copd_mega.validate import check_prompts
+from copd_mega.trainer.preemption import Preemption
 
 
 def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:

@@ -12,17 +12,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from copd_mega.batches import sequence_microbatches
-from copd_mega.logprobs import response_logprobs, token_topk
-from copd_mega.model import BranchModel
+from copd_mega.models.gpt import BranchModel
+from copd_mega.models.step import run_microbatches
 from copd_mega.parallel.topology import Topology
-from copd_mega.step import run_microbatches
+from copd_mega.rl.batches import sequence_microbatches
+from copd_mega.rl.logprobs import response_logprobs, token_topk
 
 
 def aligned_topk(logits: Tensor, k: int, tp_group, vocab_size: int, chunk: int) -> Tensor:
     """[b, s, k] top-k ids of the distribution that predicted token t, at position t (0 at t=0).
 
-    Same alignment as :func:`copd_mega.logprobs.response_logprobs`.
+    Same alignment as :func:`copd_mega.rl.logprobs.response_logprobs`.
     """
     ids = token_topk(logits[:, :-1], k, tp_group, vocab_size, chunk)
     return torch.nn.functional.pad(ids, (0, 0, 1, 0))

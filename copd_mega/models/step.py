@@ -20,8 +20,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from copd_mega.model import BranchModel
-from copd_mega.multimodal import text_logits
+from copd_mega.models.gpt import BranchModel
+from copd_mega.models.multimodal import text_logits
 from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
 
@@ -44,7 +44,7 @@ def prepare_for_training(bm: BranchModel, topo: Topology) -> None:
     if not cfg.calculate_per_token_loss or scales - {1.0}:
         raise RuntimeError(
             "the branch model was wrapped in DDP without calculate_per_token_loss: build it with "
-            "copd_mega.model.wrap_branch_model, which sets the flag before DDP"
+            "copd_mega.models.gpt.wrap_branch_model, which sets the flag before DDP"
         )
     cfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=topo.pg)
     cfg.no_sync_func = bm.model.no_sync

@@ -1,6 +1,6 @@
 """The one clipped-surrogate objective over GRPO and OPD rows, as megatron's loss function.
 
-For a microbatch of rows (see :mod:`copd_mega.batches`), on the last PP stage, every TP rank:
+For a microbatch of rows (see :mod:`copd_mega.rl.batches`), on the last PP stage, every TP rank:
   logp_t = log pi_theta(y_t)                          (vocab-parallel, chunked)
   A_t    = adv (GRPO rows)  |  beta * (teacher_logp_t - old_logp_t)   (OPD rows; no grad)
   loss   = sum_t -min(rho_t A_t, clip(rho_t, 1-eps_low, 1+eps_high) A_t)
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config
-from copd_mega.logprobs import response_logprobs, token_entropy
-from copd_mega.losses import (
+from copd_mega.parallel.topology import Topology
+from copd_mega.rl.logprobs import response_logprobs, token_entropy
+from copd_mega.rl.losses import (
     clipped_surrogate,
     expand_sequence_advantages,
     loss_units,
@@ -30,8 +31,7 @@ from copd_mega.losses import (
     topk_overlap,
     truncated_importance_weights,
 )
-from copd_mega.parallel.topology import Topology
-from copd_mega.scoring import aligned_topk
+from copd_mega.rl.teacher_scores import aligned_topk
 
 BASE_KEYS = ("loss_sum", "units", "clip_sum", "tokens", "entropy_sum", "kl_sum", "refkl_sum",
              "gap_sum", "gap_tokens", "tis_sum")  # fmt: skip

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.config import Config
-from copd_mega.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
+from copd_mega.launch.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
+from copd_mega.launch.plan import format_layout
+from copd_mega.launch.validate import check_vocab
 from copd_mega.parallel import comm
 from copd_mega.parallel.dist import device, init_distributed
 from copd_mega.parallel.topology import Layout, Topology, build_topology, plan_layout
-from copd_mega.plan import format_layout
-from copd_mega.validate import check_vocab
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One generation forward of a branch's ``GPTModel`` through its pipeline stages, and the
 broadcast that hands the sampled ids to every rank of the model replica.
 
-:class:`GPTStep` is the ``step`` that :func:`copd_mega.rollout.decode_loop` calls once per
+:class:`GPTStep` is the ``step`` that :func:`copd_mega.rl.rollout.decode_loop` calls once per
 position. It follows megatron's static-batching inference wrapper
 (``AbstractModelInferenceWrapper.forward_pass_with_pipeline_parallel_small_input_batch``):
 

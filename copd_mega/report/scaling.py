@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from copd_mega.config import ConfigError, load_config
-from copd_mega.metrics import read_metrics
+from copd_mega.report.metrics import read_metrics
 
 PHASES = ("rollout", "reward", "teacher", "exchange", "train", "merge", "checkpoint")
 

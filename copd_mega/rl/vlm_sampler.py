@@ -2,7 +2,7 @@
 
 **KV-cached** (default): the image/video tokens are computed once, in the prefill. A prompt with
 media occupies ``c_i`` positions of the *combined* sequence (its text tokens plus
-``tiles x (image_size / patch_size)^2`` per medium, :func:`copd_mega.vlm.prepare_inputs`). The
+``tiles x (image_size / patch_size)^2`` per medium, :func:`copd_mega.models.vlm.prepare_inputs`). The
 decode loop runs in those combined coordinates, exactly like the text sampler with prompt
 length ``c_i``:
 
@@ -19,7 +19,7 @@ length ``c_i``:
 media included, runs forward again and the logits at the last text position (gathered with
 ``text_positions``) are sampled.
 
-Shared with :class:`copd_mega.rollout.MegatronSampler`: ``decode_loop`` (micro-batches of
+Shared with :class:`copd_mega.rl.rollout.MegatronSampler`: ``decode_loop`` (micro-batches of
 ``rollout.max_batch_size`` rows, compaction of finished rows, per-row sampling streams), and the
 sampled ids broadcast from TP rank 0, so every TP rank holds the same rollouts. Departure: the
 ``<image>`` id is never sampled (its logit is masked), since a medium slot in a response would
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
-from copd_mega.pipeline_step import compact_cache, share_from_last_stage
-from copd_mega.rollout import (
+from copd_mega.rl.pipeline_step import compact_cache, share_from_last_stage
+from copd_mega.rl.rollout import (
     PromptBatch,
     Rollouts,
     SamplingParams,
@@ -130,7 +130,7 @@ class VLMSampler:
             batch.tokens = batch.tokens.to(dev)
             step = _FullStep(self, media, params.pad_id)
             return decode_loop(batch, step, params, self.vocab_size, share)
-        from copd_mega.vlm import prepare_inputs
+        from copd_mega.models.vlm import prepare_inputs
 
         vb = prepare_inputs(self.cfg, prompts, media, self.image_id, params.pad_id, dev)
         text = pack_prompts(prompts, params, draws)
@@ -240,7 +240,7 @@ class _FullStep:
         self.s, self.media, self.pad_id = sampler, media, pad_id
 
     def __call__(self, tokens: Tensor, rows: Tensor, start: int, end: int, decode: bool):
-        from copd_mega.vlm import prepare_inputs
+        from copd_mega.models.vlm import prepare_inputs
 
         s = self.s
         media = [self.media[i] for i in rows.tolist()]
@@ -256,9 +256,9 @@ class _FullStep:
 
 def make_sampler(model: torch.nn.Module, topo: Topology, cfg: Config, codec):
     """The branch's rollout engine: :class:`VLMSampler` when ``vision.enabled``, else the
-    KV-cached text :class:`~copd_mega.rollout.MegatronSampler`; both generate
+    KV-cached text :class:`~copd_mega.rl.rollout.MegatronSampler`; both generate
     ``rollout.max_batch_size`` rows at a time."""
-    from copd_mega.rollout import MegatronSampler
+    from copd_mega.rl.rollout import MegatronSampler
 
     size = cfg.rollout.max_batch_size
     if cfg.vision.enabled:

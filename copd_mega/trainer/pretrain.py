@@ -18,18 +18,18 @@ import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import Tensor
 
-from copd_mega.batches import split_microbatches
-from copd_mega.checkpoint import save_model
+from copd_mega.ckpt.checkpoint import save_model
 from copd_mega.config import BranchConfig, Config, ConfigError, TeachingConfig, load_config
-from copd_mega.datasets import capabilities_of, make_reader
-from copd_mega.evaluate import evaluate
-from copd_mega.judge import Judge
-from copd_mega.logprobs import response_logprobs
-from copd_mega.model import build_branch_model
-from copd_mega.multimodal import MediaSpec, RowMedia, prompt_with_media
-from copd_mega.runtime import Runtime, shutdown, start
-from copd_mega.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
-from copd_mega.vlm_rollout import make_sampler
+from copd_mega.launch.datasets import capabilities_of, make_reader
+from copd_mega.launch.runtime import Runtime, shutdown, start
+from copd_mega.models.gpt import build_branch_model
+from copd_mega.models.multimodal import MediaSpec, RowMedia, prompt_with_media
+from copd_mega.models.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
+from copd_mega.rl.batches import split_microbatches
+from copd_mega.rl.judge import Judge
+from copd_mega.rl.logprobs import response_logprobs
+from copd_mega.rl.vlm_sampler import make_sampler
+from copd_mega.trainer.evaluate import evaluate
 
 
 def pretrain_config(cfg: Config) -> tuple[Config, list[str]]:

@@ -13,7 +13,7 @@ Alignment: logits at position t score the token at position t+1. ``token_logprob
 targets already shifted. :func:`response_logprobs` does the shift for a right-padded sequence
 batch and returns values aligned with the tokens, ``out[:, t] = log p(tokens[:, t] | tokens[:, :t])``
 and ``out[:, 0] = 0``, which is the layout of ``Rollouts.tokens``/``Rollouts.response_mask()`` in
-:mod:`copd_mega.rollout`. A trainer does::
+:mod:`copd_mega.rl.rollout`. A trainer does::
 
     lp = response_logprobs(logits, batch["tokens"], topo.pg.tp, cfg.model.vocab_size, chunk)
     mask = batch["response_mask"]  # [b, s] bool, True at response tokens

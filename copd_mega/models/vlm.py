@@ -10,7 +10,7 @@ Architecture (``vision.enabled=true``):
   image becomes ``(image_size / patch_size)**2`` tokens (HF LLaVA: ``vision_feature_layer=-1``,
   ``vision_feature_select_strategy="default"``).
 * **Projector**: ``linear_fc1 [H_lm, H_vit]`` + bias, exact GELU, ``linear_fc2 [H_lm, H_lm]`` + bias.
-* **Language model**: the same ``GPTModel`` as :func:`copd_mega.model.build_gpt` (RMSNorm, SwiGLU,
+* **Language model**: the same ``GPTModel`` as :func:`copd_mega.models.gpt.build_gpt` (RMSNorm, SwiGLU,
   RoPE, GQA), initialised identically, so a VLM branch and a text branch share the LM weights.
 
 How this departs from megatron's own LLaVA wiring: megatron builds the ViT's ``ln_pre`` with
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from copd_mega.config import Config, ConfigError
-from copd_mega.model import (
+from copd_mega.models.gpt import (
     BranchModel,
     compute_dtype,
     init_weights,
@@ -248,7 +248,7 @@ def build_vlm(cfg: Config, topo: Topology):
 
 @torch.no_grad()
 def init_vlm_weights(model, cfg: Config) -> None:
-    """Split-invariant init: the LM exactly as :func:`copd_mega.model.init_weights`; ViT and
+    """Split-invariant init: the LM exactly as :func:`copd_mega.models.gpt.init_weights`; ViT and
     projector drawn whole per global parameter name from ``cfg.seed``, then TP-sliced.
 
     Normal(0, init_std) for matrices, the class token and position embeddings;
@@ -257,7 +257,7 @@ def init_vlm_weights(model, cfg: Config) -> None:
     import math
     import zlib
 
-    from copd_mega.model import global_param_names
+    from copd_mega.models.gpt import global_param_names
 
     init_weights(model.language_model, cfg)
     tp = cfg.parallel.tp
@@ -289,7 +289,7 @@ def build_vlm_branch_model(
     cfg: Config, topo: Topology, lr: float | None = None, min_lr: float | None = None
 ) -> BranchModel:
     """``LLaVAModel`` + megatron DDP + distributed optimizer (``model.wrap_branch_model``)."""
-    from copd_mega.model import wrap_branch_model
+    from copd_mega.models.gpt import wrap_branch_model
 
     return wrap_branch_model(build_vlm(cfg, topo), cfg, topo, lr, min_lr)
 

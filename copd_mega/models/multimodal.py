@@ -2,12 +2,12 @@
 
 A sample's media are its images (``[3, H, W]`` each) and its video's frames (``[F, 3, H, W]``,
 sampled once by the reader with ``data.media.frame_indices``; one medium of F tiles). The prompt
-gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.vlm.with_placeholders`).
+gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`).
 From then on the **same pixel tensors** follow the rows: rollout -> GRPO/OPD rows -> the
 exchange to the teacher -> every microbatch, so no frame is ever sampled or decoded twice.
 
 :class:`RowMedia` holds the media of N rows as raw ``[0, 1]`` float32 (the CLIP normalisation
-is applied by :func:`copd_mega.vlm.prepare_inputs` at each forward, identically everywhere).
+is applied by :func:`copd_mega.models.vlm.prepare_inputs` at each forward, identically everywhere).
 :func:`text_logits` runs ``LLaVAModel`` and gathers its logits at ``text_positions``, so the
 result is token-aligned like a GPT's and ``response_logprobs``/top-k/the objective are unchanged.
 """
@@ -99,7 +99,7 @@ def prompt_with_media(codec, sample: dict, vision: bool) -> tuple[list[int], lis
 
     Raises ConfigError when a sample has media but ``vision.enabled`` is false.
     """
-    from copd_mega.vlm import with_placeholders
+    from copd_mega.models.vlm import with_placeholders
 
     ids, media = codec.prompt_ids(sample["prompt"]), sample_media(sample)
     if not media:
@@ -138,9 +138,9 @@ class MediaSpec:
     pad_id: int
 
     def attach(self, mbs: list[dict], media: RowMedia, size: int) -> list[dict]:
-        """Add ``mb["vlm"]`` (a :class:`copd_mega.vlm.VLMBatch`) to microbatches of ``size``
+        """Add ``mb["vlm"]`` (a :class:`copd_mega.models.vlm.VLMBatch`) to microbatches of ``size``
         rows cut from the rows ``media`` belongs to; returns ``mbs``."""
-        from copd_mega.vlm import prepare_inputs
+        from copd_mega.models.vlm import prepare_inputs
 
         for i, mb in enumerate(mbs):
             sub = media.rows(i * size, i * size + mb["tokens"].shape[0])
@@ -152,7 +152,7 @@ class MediaSpec:
 
 
 def text_logits(model, batch) -> Tensor:
-    """Token-aligned logits ``[B, S, V/TP]`` of a :class:`~copd_mega.vlm.VLMBatch`.
+    """Token-aligned logits ``[B, S, V/TP]`` of a :class:`~copd_mega.models.vlm.VLMBatch`.
 
     Runs ``LLaVAModel`` (logits ``[B, combined, V/TP]``, every TP rank its vocab shard) and
     gathers position ``text_positions[b, j]``, the logit that predicts token j+1 of row b.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from copd_mega.checkpoint import (
+from copd_mega.ckpt.checkpoint import (
     CheckpointError,
     everywhere,
     incomplete_reason,
@@ -27,19 +27,19 @@ from copd_mega.checkpoint import (
 )
 from copd_mega.config import Config, to_dict
 from copd_mega.data.reader import ShardReader
-from copd_mega.datasets import ChatCodec, capabilities_of, make_reader
-from copd_mega.evaluate import evaluate, format_table
 from copd_mega.hf.init_from_hf import copy_tokenizer_files, hf_init_dir
-from copd_mega.judge import Judge
-from copd_mega.metrics import MetricsLogger
-from copd_mega.model import BranchModel, build_branch_model, build_gpt
+from copd_mega.launch.datasets import ChatCodec, capabilities_of, make_reader
+from copd_mega.launch.runtime import Runtime, start
+from copd_mega.launch.validate import schedule_plan, validate_job
+from copd_mega.models.gpt import BranchModel, build_branch_model, build_gpt
+from copd_mega.models.step import prepare_for_training
 from copd_mega.parallel import comm
-from copd_mega.rollout import RolloutEngine
-from copd_mega.runtime import Runtime, start
-from copd_mega.schedule import ScheduleState, StepPlan
-from copd_mega.step import prepare_for_training
-from copd_mega.validate import schedule_plan, validate_job
-from copd_mega.vlm_rollout import make_sampler
+from copd_mega.report.metrics import MetricsLogger
+from copd_mega.rl.judge import Judge
+from copd_mega.rl.rollout import RolloutEngine
+from copd_mega.rl.schedule import ScheduleState, StepPlan
+from copd_mega.rl.vlm_sampler import make_sampler
+from copd_mega.trainer.evaluate import evaluate, format_table
 
 
 @dataclass

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from copd_mega.checkpoint import (
+from copd_mega.ckpt.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     CheckpointError,

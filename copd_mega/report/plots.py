@@ -1,6 +1,6 @@
 """``copd report RUN_DIR``: PNG plots of reward, accuracy, overlap and delta per branch over steps.
 
-``copd report scaling RUN_DIR...`` is in :mod:`copd_mega.scaling_report`.
+``copd report scaling RUN_DIR...`` is in :mod:`copd_mega.report.scaling`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from copd_mega.metrics import read_metrics
+from copd_mega.report.metrics import read_metrics
 
 PANELS = [
     ("reward", "mean reward (native batch)"),
@@ -75,7 +75,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "scaling":
-        from copd_mega.scaling_report import main as scaling_main
+        from copd_mega.report.scaling import main as scaling_main
 
         return scaling_main(argv[1:])
     ap = argparse.ArgumentParser(prog="copd report", description=__doc__)

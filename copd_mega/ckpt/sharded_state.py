@@ -1,6 +1,6 @@
 """Megatron sharded state of a branch, written to and read from one torch_dist directory.
 
-The plumbing under :mod:`copd_mega.checkpoint`: sharded state dicts of the model and the
+The plumbing under :mod:`copd_mega.ckpt.checkpoint`: sharded state dicts of the model and the
 distributed optimizer (with the fixes megatron-core 0.16.1 needs on CPU and for several
 branches), saving and loading a directory over the branch's own process group (so all branches
 save and load at once), loading with shape checks that fail on every rank of the branch at once.

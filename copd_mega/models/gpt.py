@@ -235,7 +235,7 @@ def build_branch_model(
     ``optim.lr``; ``min_lr`` (the floor an lr scheduler decays to) to ``lr``.
     """
     if cfg.vision.enabled:
-        from copd_mega.vlm import build_vlm
+        from copd_mega.models.vlm import build_vlm
 
         return wrap_branch_model(build_vlm(cfg, topo), cfg, topo, lr, min_lr)
     return wrap_branch_model(build_gpt(cfg, topo), cfg, topo, lr, min_lr)
