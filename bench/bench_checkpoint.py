@@ -40,7 +40,7 @@ def _rank(rank: int, n: int, port: int, config: str, repeats: int, tmp: str) -> 
     torch.set_num_threads(1)
     from copd_mega.ckpt.checkpoint import save_step
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel import comm
     from copd_mega.parallel.dist import init_distributed

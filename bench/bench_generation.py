@@ -76,7 +76,8 @@ def text_cases(rank: int, a: argparse.Namespace, pp: int) -> dict:
     from copd_mega.models.gpt import build_gpt
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     cfg = text_config(a, pp, a.vocab)
     init_distributed()
@@ -102,7 +103,8 @@ def mixed_lengths(a: argparse.Namespace, topo) -> dict:
     import torch
 
     from copd_mega.models.gpt import build_gpt
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     vocab = 64
     cfg = text_config(a, 1, vocab)
@@ -128,7 +130,7 @@ def vlm_cases(rank: int, a: argparse.Namespace) -> dict:
     from copd_mega.models.vlm import build_vlm
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rl.rollout import SamplingParams
+    from copd_mega.rl.sampling import SamplingParams
     from copd_mega.rl.vlm_sampler import VLMSampler
 
     cfg = load_config(None, [

@@ -63,7 +63,7 @@ def peak_tflops(name: str, given: float) -> float:
 def build(a: argparse.Namespace):
     """The config, topology and branch model of one rank (bf16 on GPU, fp32 on CPU)."""
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
@@ -126,7 +126,8 @@ def generation(a, cfg, topo, bm) -> dict:
     """Generated tokens per second of the KV-cached sampler (fixed length: no EOS)."""
     import torch
 
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, a.vocab, (a.gen_prompt,), generator=g).tolist()

@@ -46,8 +46,8 @@ def domain_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (reported in one line), imported only when one is raised."""
     from copd_mega.ckpt.sharded_state import CheckpointError
     from copd_mega.config import ConfigError
+    from copd_mega.config_hf import UnsupportedHFModel
     from copd_mega.data.reader import DataError
-    from copd_mega.hf.families import UnsupportedHFModel
 
     return (ConfigError, CheckpointError, DataError, UnsupportedHFModel)
 

@@ -8,19 +8,14 @@ Checks that need the world size (branches x TP x PP x DP) live in ``parallel.top
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the dotted path and how to fix it."""
+from copd_mega.config_hf import apply_hf_model_config
+from copd_mega.config_tree import ConfigError, apply_override, non_finite, to_dataclass, to_dict
 
 
 @dataclass
@@ -258,91 +253,11 @@ class Config:
         return self.parallel.tp * self.parallel.pp * self.parallel.dp
 
 
-# ----------------------------------------------------------------------------- conversion
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _to_dataclass(value, tp, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], path)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-            raise ConfigError(
-                f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__}); "
-                f"fix the value in the YAML file or the {path}=... override"
-            )
-        return value
-    return value
-
-
-def _to_dataclass(data: dict, cls: type, path: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = ", ".join(f"{path}.{k}".lstrip(".") for k in unknown)
-        raise ConfigError(
-            f"unknown config key {where}; valid keys under '{path or '<root>'}' are: "
-            f"{', '.join(sorted(names))}"
-        )
-    kwargs = {k: _convert(v, hints[k], f"{path}.{k}".lstrip(".")) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    """The config as plain data (its YAML form)."""
-    return dataclasses.asdict(cfg)
+# ----------------------------------------------------------------------------- YAML
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply one ``a.b.c=value`` override to the raw mapping ``data`` in place."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: write it as dotted.key=value")
-    key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = key.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = _list_item(node, part, where)
-        else:
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        _list_item(node, last, key)  # checks the index
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _list_item(node: list, part: str, where: str) -> Any:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{where}: list index {part!r} out of range (have {len(node)} items)")
-    return node[int(part)]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -366,10 +281,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ck = data.get("checkpoint")
     if isinstance(ck, dict) and isinstance(ck.get("resume"), bool):  # the older boolean form
         ck["resume"] = "required" if ck["resume"] else "never"
-    cfg = _to_dataclass(data, Config)
+    cfg = to_dataclass(data, Config)
     if cfg.checkpoint.init_from_hf:  # model.* from the HF config.json (mismatches are errors)
-        from copd_mega.hf.config_from_hf import apply_hf_model_config
-
         apply_hf_model_config(cfg, given)
     validate(cfg)
     return cfg
@@ -396,26 +309,9 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _non_finite(node: Any, path: str = "") -> str | None:
-    """Dotted path of the first NaN/inf float anywhere in the config, or None."""
-    if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            found = _non_finite(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found = _non_finite(item, f"{path}.{i}")
-            if found:
-                return found
-    elif isinstance(node, float) and not math.isfinite(node):
-        return path
-    return None
-
-
 def _validate_numbers(cfg: Config) -> None:
     """No NaN/inf anywhere; optimizer, clipping, OPD and reward settings in range."""
-    bad = _non_finite(cfg)
+    bad = non_finite(cfg)
     if bad:
         raise ConfigError(f"{bad}={_get(cfg, bad)} is not a finite number; set a finite value")
     o = cfg.optim

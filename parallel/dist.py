@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from copd_mega.parallel import comm
+from copd_mega.parallel.cpu import enter_cpu_mode
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,6 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, seed: int 
     launch = read_launch_env()
     chosen = choose_backend(backend)
     if chosen == "gloo":
-        from copd_mega.parallel.cpu import enter_cpu_mode
-
         enter_cpu_mode(seed)
     else:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())

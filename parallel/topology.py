@@ -106,6 +106,30 @@ def _local_groups(tp: int, pp: int, dp: int, dim: str) -> list[list[int]]:
     return [[loc(t, p, d) for d in range(dp)] for p in range(pp) for t in range(tp)]
 
 
+def check_vision_fits(cfg: Config) -> None:
+    """Divisibility and support checks for ``vision.*`` against ``parallel.*``; ConfigError."""
+    v, tp = cfg.vision, cfg.parallel.tp
+    if not v.enabled:
+        raise ConfigError(
+            "vision.enabled=false: build the text model (models.gpt.build_gpt) instead"
+        )
+    problems = [
+        (v.image_size % v.patch_size, f"vision.image_size={v.image_size} is not divisible by "
+         f"vision.patch_size={v.patch_size}; choose a patch size that tiles the image"),
+        (v.hidden_size % v.num_attention_heads, f"vision.hidden_size={v.hidden_size} is not "
+         f"divisible by vision.num_attention_heads={v.num_attention_heads}"),
+        (v.num_attention_heads % tp, f"vision.num_attention_heads={v.num_attention_heads} is not "
+         f"divisible by parallel.tp={tp}; choose a TP size that divides it"),
+        (v.ffn_hidden_size % tp, f"vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible "
+         f"by parallel.tp={tp}; choose a TP size that divides it"),
+        (cfg.parallel.pp != 1, f"parallel.pp={cfg.parallel.pp}: the vision-language model runs "
+         "with parallel.pp=1 (scale it with TP/DP)"),
+    ]  # fmt: skip
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
 def check_model_fits(cfg: Config) -> None:
     """Divisibility checks between the model and the per-branch grid (no world size needed)."""
     m, p = cfg.model, cfg.parallel
@@ -124,8 +148,6 @@ def check_model_fits(cfg: Config) -> None:
             f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}"
         )
     if cfg.vision.enabled:
-        from copd_mega.models.vlm import check_vision_fits
-
         check_vision_fits(cfg)
     if m.num_layers % p.pp:
         raise ConfigError(

@@ -10,7 +10,7 @@ VOCAB = 100
 
 def setup(overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
@@ -112,7 +112,7 @@ def merge_policies(
     the next step in place and after the restore.
     """
     from copd_mega.ckpt.checkpoint import load_latest, save_step
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.merge import (
         inner_optimizers,

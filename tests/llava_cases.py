@@ -155,9 +155,10 @@ def vlm_worker(rank: int, ckpt: str, fresh_save: str) -> dict:
 
 def _train_steps(cfg, topo) -> dict:
     """One optimizer step on a text-only batch (the ViT gets no gradient), one on a mixed one."""
-    from copd_mega.models.vlm import build_vlm_branch_model, prepare_inputs
+    from copd_mega.models.branch import build_branch_model
+    from copd_mega.models.vlm import prepare_inputs
 
-    bm = build_vlm_branch_model(cfg, topo, lr=0.01)
+    bm = build_branch_model(cfg, topo, lr=0.01)
     ids, items = prompts()
     vit = bm.module.vision_model.conv1.weight
     before, norms = vit.detach().clone(), []

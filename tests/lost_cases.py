@@ -150,7 +150,7 @@ def guard_case(rank: int, overrides: list[str]) -> dict:
     import torch.nn.functional as F
 
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology

@@ -31,7 +31,7 @@ def mm_exchange(rank: int, overrides: list[str]) -> dict:
     from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
     from copd_mega.rl.teacher_scores import score_sequences
     from copd_mega.trainer.job import build_job
-    from copd_mega.trainer.train import _vlm, rollout_peer
+    from copd_mega.trainer.rollouts import rollout_peer
 
     job = build_job(load_config(None, overrides))
     topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
@@ -40,14 +40,14 @@ def mm_exchange(rank: int, overrides: list[str]) -> dict:
     teachers = [t for s, t in topo.layout.edges if s == me]
     students = [s for s, t in topo.layout.edges if t == me]
     sent = {t: rollout_peer(job, t, step=0) for t in teachers}
-    packed = {t: pack_rollouts(r.tokens, r.prompt_lens, r.lengths) for t, (r, _) in sent.items()}
+    packed = {t: pack_rollouts(r.tokens, r.prompt_lens, r.lengths) for t, r in sent.items()}
     incoming = send_rollouts(topo, packed, students, dev)
-    pixels = send_media(topo, {t: m.pack() for t, (_, m) in sent.items()}, students, dev)
+    pixels = send_media(topo, {t: r.media.pack() for t, r in sent.items()}, students, dev)
 
     def score(tokens, media):
         return score_sequences(job.bm, topo, tokens, cfg.opd.top_k, cfg.model.vocab_size,
                                cfg.parallel.micro_batch_size, cfg.rollout.logprob_chunk, dev,
-                               _vlm(job, media))  # fmt: skip
+                               media)  # fmt: skip
 
     local, blank, got_media = {}, {}, {}
     for s in students:
@@ -56,11 +56,11 @@ def mm_exchange(rank: int, overrides: list[str]) -> dict:
         got_media[s] = media
         local[s] = score(tokens, media)
         blank[s] = score(tokens, RowMedia(media.pixels * 0, media.tiles, media.per_row))
-    expected = {t: tuple(r.tokens.shape) for t, (r, _) in sent.items()}
+    expected = {t: tuple(r.tokens.shape) for t, r in sent.items()}
     received = return_scores(topo, local, expected, cfg.opd.top_k, dev)
     job.judge.close()
     return {
         "branch": me, "received": received, "local": local, "blank": blank,
-        "sent": {t: (r.tokens, m) for t, (r, m) in sent.items()},
+        "sent": {t: (r.tokens, r.media) for t, r in sent.items()},
         "incoming": {s: (incoming[s][:, 2:], got_media[s]) for s in students},
     }  # fmt: skip

@@ -49,7 +49,7 @@ def _pretrain(rank: int, overrides: list[str]) -> str:
 def _score(cfg, topo, ckpt: Path):
     """Log-probs and top-5 of TOKENS under the checkpoint, on this rank (None off the last stage)."""
     from copd_mega.ckpt.checkpoint import load_model
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.rl.teacher_scores import score_sequences
 
     bm = build_branch_model(cfg, topo)
@@ -156,7 +156,7 @@ def test_two_tp2_pp2_branches_train_resume_merge_export(dp, base, tmp_path):
 
 def _ragged_scores(rank: int, overrides: list[str]):
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
     from copd_mega.rl.teacher_scores import score_sequences

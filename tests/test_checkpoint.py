@@ -71,7 +71,7 @@ def _same(a: dict, b: dict) -> bool:
 def _resume_worker(rank: int, root: str, layout: list[str], broken: str, lost: str) -> dict:
     from copd_mega.ckpt.checkpoint import load_latest, save_model, save_step
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
@@ -168,7 +168,7 @@ KILL_SCRIPT = textwrap.dedent(
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         import copd_mega.ckpt.checkpoint as ck
         from copd_mega.config import load_config
-        from copd_mega.models.gpt import build_branch_model
+        from copd_mega.models.branch import build_branch_model
         from copd_mega.parallel.dist import init_distributed
         from copd_mega.parallel.topology import build_topology
 
@@ -196,7 +196,7 @@ KILL_SCRIPT = textwrap.dedent(
 def _load_worker(rank: int, root: str) -> tuple[dict | None, list[str]]:
     from copd_mega.ckpt.checkpoint import load_latest
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 
@@ -245,7 +245,8 @@ def _reshard_worker(rank: int, path: str, tp: int, save: bool) -> list[torch.Ten
 
     from copd_mega.ckpt.checkpoint import load_model, save_model
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model, init_weights
+    from copd_mega.models.branch import build_branch_model
+    from copd_mega.models.gpt import init_weights
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 

@@ -69,7 +69,7 @@ def _mark(path: Path, topo) -> None:
 def _tp2_worker(rank: int, tmp: str) -> dict:
     from copd_mega.ckpt.checkpoint import load_latest, load_model, save_model, save_step
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
@@ -117,7 +117,7 @@ def _tp2_worker(rank: int, tmp: str) -> dict:
 def _tp1_worker(rank: int, tmp: str) -> None:
     from copd_mega.ckpt.checkpoint import save_model
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import prepare_for_training
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology

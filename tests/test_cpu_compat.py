@@ -45,7 +45,7 @@ def _train_one_step(rank: int, with_layer: bool):
     import torch.distributed as dist
 
     from copd_mega.config import load_config
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
     from copd_mega.parallel.topology import build_topology
     from parallel_cases import batch, next_token_loss

@@ -36,7 +36,8 @@ def _trainer_greedy(rank: int, overrides: list[str], ckpt: str):
     from copd_mega.launch.datasets import make_reader
     from copd_mega.launch.runtime import start
     from copd_mega.models.gpt import build_gpt
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     cfg = load_config(None, overrides)
     rt = start(cfg)
@@ -141,7 +142,8 @@ def _trainer_chat_greedy(rank: int, config: str, ckpt: str):
     from copd_mega.launch.datasets import make_reader
     from copd_mega.launch.runtime import start
     from copd_mega.models.gpt import build_gpt
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     cfg = load_config(config, ["branches=[{name: arith, data: arith}]", "teaching.graph=none"])
     rt = start(cfg)

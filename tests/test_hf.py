@@ -228,8 +228,8 @@ def test_attention_bias_needs_zero_o_proj_bias(tmp_path, family):
     importable, and export writes it back as zeros (exact)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+    from copd_mega.config_hf import UnsupportedHFModel
     from copd_mega.hf.export import export_hf
-    from copd_mega.hf.families import UnsupportedHFModel
     from copd_mega.hf.importer import import_hf
 
     cfg = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family](
@@ -264,7 +264,7 @@ def test_attention_bias_needs_zero_o_proj_bias(tmp_path, family):
     ],
 )
 def test_import_refuses_what_the_model_cannot_express(tmp_path, change, message):
-    from copd_mega.hf.families import UnsupportedHFModel
+    from copd_mega.config_hf import UnsupportedHFModel
     from copd_mega.hf.importer import import_hf
 
     make_hf_model("llama", False).save_pretrained(tmp_path / "hf")

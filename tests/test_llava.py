@@ -206,7 +206,7 @@ def test_prepare_inputs_positions_and_errors():
 def test_import_refuses_what_the_model_cannot_express(hf_dir, tmp_path, change, message):
     import shutil
 
-    from copd_mega.hf.families import UnsupportedHFModel
+    from copd_mega.config_hf import UnsupportedHFModel
     from copd_mega.hf.llava import import_llava
 
     work = tmp_path / "hf"

@@ -51,13 +51,12 @@ def test_video_frames_sampled_once_identical_in_rollout_and_training(tmp_path):
     rows = RowMedia.unpack(*RowMedia.from_lists(media, 32).pack(), len(prompts))
     width = max(len(p) for p in prompts)
     tokens = torch.tensor([p + [codec.pad] * (width - len(p)) for p in prompts])
-    mbs = MediaSpec(cfg, codec.image, codec.pad).attach(
-        sequence_microbatches(tokens, 4, torch.device("cpu")), rows, 4
-    )
-    fed = torch.cat([mb["vlm"].images for mb in mbs])
+    spec = MediaSpec(cfg, codec.image, codec.pad)
+    mbs = sequence_microbatches(tokens, 4, torch.device("cpu"), rows)
+    fed = [spec.inputs(mb["tokens"], mb["media"]) for mb in mbs]
     want = torch.cat([normalize_images(s["frames"]) for s in samples for _ in range(2)])
-    assert torch.equal(fed, want)
-    assert [int(t) for mb in mbs for t in mb["vlm"].num_image_tiles] == [4] * 6
+    assert torch.equal(torch.cat([b.images for b in fed]), want)
+    assert [int(t) for b in fed for t in b.num_image_tiles] == [4] * 6
 
 
 @pytest.mark.multiproc

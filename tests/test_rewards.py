@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from copd_mega.rl.rewards import RewardPool, extract_answer, score_one
+from copd_mega.rl.reward_pool import RewardPool
+from copd_mega.rl.rewards import extract_answer, score_one
 
 DEADLINE_S = 2.0
 # math-verify evaluates this power tower for minutes (we measured > 30 s); it must not block.

@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from copd_mega.config import load_config
-from copd_mega.rl.rollout import (
-    MegatronSampler,
-    PromptBatch,
-    Rollouts,
-    SamplingParams,
-    decode_loop,
-    pack_prompts,
-    row_uniforms,
-    sample_tokens,
-)
+from copd_mega.rl.rollout import MegatronSampler, PromptBatch, decode_loop, pack_prompts
+from copd_mega.rl.sampling import Rollouts, SamplingParams, row_uniforms, sample_tokens
 from multiproc import spawn
 
 V = 20
@@ -223,7 +215,7 @@ MODEL = ["model.vocab_size=100", "model.tie_embeddings=false", "model.init_std=0
 
 def sampler_cases(rank: int, tp: int) -> dict:
     """Every generation case on one rank of a TP=``tp`` branch (DDP-wrapped model)."""
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
     from copd_mega.rl.logprobs import response_logprobs

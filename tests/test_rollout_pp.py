@@ -21,10 +21,11 @@ NEW = 16
 
 def pp_cases(rank: int, tp: int, pp: int) -> dict:
     """Every generation case on one rank of a TP=``tp`` x PP=``pp`` branch (DDP-wrapped)."""
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rl.rollout import MegatronSampler, SamplingParams
+    from copd_mega.rl.rollout import MegatronSampler
+    from copd_mega.rl.sampling import SamplingParams
 
     cfg = load_config(None, [*MODEL, f"parallel.tp={tp}", f"parallel.pp={pp}"])
     init_distributed()

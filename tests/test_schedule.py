@@ -24,7 +24,7 @@ def test_copd_cycles_and_phases():
     assert [p.cycle for p in plan] == [c for c in range(3) for _ in range(5)]
     assert [p.step for p in plan if p.end_of_cycle] == [4, 9, 14]
     for p in plan:
-        assert p.learners == tuple(BR3) and not p.frozen_teachers
+        assert p.learners == tuple(BR3) and {t for _, t in p.edges} <= set(p.learners)
         assert p.edges == (tuple(HUB3) if p.phase == "opd" else ())
 
 
@@ -53,7 +53,7 @@ def test_static_opd():
     stage1, stage2 = plan[:6], plan[6:]
     assert all(p.phase == "rl" and p.learners == tuple(BR2) and p.edges == () for p in stage1)
     assert all(p.phase == "opd" and p.learners == ("image",) for p in stage2)
-    assert all(p.edges == (("image", "text"),) and p.frozen_teachers for p in stage2)
+    assert all(p.edges == (("image", "text"),) and "text" not in p.learners for p in stage2)
     assert [p.cycle for p in plan] == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
     assert [p.step for p in plan if p.end_of_cycle] == [2, 5, 7, 9]
 
@@ -63,7 +63,7 @@ def test_mopd_student_learns_from_every_other_branch():
     assert phases(plan) == {"rl": 4, "opd": 3}
     assert all(p.learners == tuple(BR3) for p in plan[:4])
     for p in plan[4:]:
-        assert p.learners == ("text",) and p.frozen_teachers
+        assert p.learners == ("text",) and not {t for _, t in p.edges} & set(p.learners)
         assert p.edges == (("text", "image"), ("text", "video"))
 
 
@@ -141,3 +141,18 @@ def test_copd_edge_errors():
         build_plan("copd", BR2, [("text", "audio"), ("audio", "text")], rl_steps=1, opd_steps=1)
     with pytest.raises(ValueError, match="distinct"):
         build_plan("expert", ["a", "a"], rl_steps=1)
+
+
+def test_step_phase_is_explicit_and_checked():
+    """The loop branches on ``StepPlan.phase``: only "rl" and "opd", and an "rl" step never
+    carries teaching edges (every mode's plan satisfies it)."""
+    with pytest.raises(ValueError, match="phase"):
+        StepPlan(step=0, cycle=0, phase="distil", learners=("a",), edges=(), end_of_cycle=True)
+    with pytest.raises(ValueError, match="no teaching edges"):
+        StepPlan(step=0, cycle=0, phase="rl", learners=("a", "b"), edges=(("a", "b"),),
+                 end_of_cycle=True)  # fmt: skip
+    for mode, extra in [("copd", {"edges": [("a", "b"), ("b", "a")]}), ("expert", {}),
+                        ("static_opd", {"student": "a"}), ("mopd", {"student": "a"})]:  # fmt: skip
+        plan = build_plan(mode, ["a", "b"], cycles=2, rl_steps=2, opd_steps=1, **extra)
+        assert {p.phase for p in plan} <= {"rl", "opd"}
+        assert all(p.edges == () for p in plan if p.phase == "rl")

@@ -22,10 +22,10 @@ def vlm_cases(rank: int, tp: int) -> dict:
     """Every VLM generation case on one rank of a TP=``tp`` branch (DDP-wrapped LLaVA)."""
     from llava_cases import prompts, tokenizer_ids
 
-    from copd_mega.models.gpt import build_branch_model
+    from copd_mega.models.branch import build_branch_model
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
-    from copd_mega.rl.rollout import SamplingParams
+    from copd_mega.rl.sampling import SamplingParams
     from copd_mega.rl.vlm_sampler import VLMSampler
 
     cfg = load_config(None, [*VLM, f"parallel.tp={tp}"])

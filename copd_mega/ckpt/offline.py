@@ -54,6 +54,7 @@ from copd_mega.ckpt.checkpoint import (
 )
 from copd_mega.config import Config, load_config
 from copd_mega.parallel.merge import normalise_weights
+from copd_mega.report.progress import progress_bar
 
 BLOCK_BYTES = 256 * 2**20  # rows per produced block: at most this many bytes (at least one row)
 
@@ -248,37 +249,6 @@ def write_checkpoint(
     save_meta(CheckpointingConfig("torch_dist", 1), str(tmp))  # metadata.json: complete
     os.replace(tmp, path)
     return path
-
-
-class progress_bar:
-    """A rich progress bar over bytes (ETA included) or a no-op; yields ``advance(nbytes)``."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.label, self.total, self.enabled, self.bar = label, total, enabled, None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )  # fmt: skip
-
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(),
-        )  # fmt: skip
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ----------------------------------------------------------------------------- merge

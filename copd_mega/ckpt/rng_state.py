@@ -7,10 +7,10 @@ import random
 import numpy as np
 import torch
 
+from copd_mega.parallel.cpu import cpu_mode_active
+
 
 def _cuda_rng_usable() -> bool:
-    from copd_mega.parallel.cpu import cpu_mode_active
-
     return torch.cuda.is_available() or cpu_mode_active()
 
 

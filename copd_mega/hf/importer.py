@@ -15,81 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from copd_mega.ckpt.offline import TensorSpec, write_checkpoint
+from copd_mega.ckpt.offline import write_checkpoint
 from copd_mega.config import Config, validate
+from copd_mega.config_hf import UnsupportedHFModel
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, UnsupportedHFModel, model_config_from_hf
-from copd_mega.hf.init_from_hf import copy_tokenizer_files
+from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, model_config_from_hf
+from copd_mega.hf.hf_dir import DTYPES, SafetensorsDir, copy_tokenizer_files
+from copd_mega.hf.llava import import_llava
 from copd_mega.models.gpt import padded_vocab_size
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class SafetensorsDir:
-    """Lazy access to the tensors of an HF model directory by name."""
-
-    def __init__(self, root: Path):
-        from safetensors import safe_open
-
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (root / "model.safetensors").is_file():
-            with safe_open(str(root / "model.safetensors"), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise FileNotFoundError(
-                f"{root}: no model.safetensors or model.safetensors.index.json; save the model "
-                "with save_pretrained(safe_serialization=True)"
-            )
-        self.root, self.weight_map = root, weight_map
-        self._open = {name: safe_open(str(root / name), "pt") for name in set(weight_map.values())}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise KeyError(f"{self.root}: tensor {name} is missing from the safetensors files")
-        return self._open[self.weight_map[name]].get_tensor(name)
-
-
-def _check_o_proj_bias(st: SafetensorsDir, i: int) -> None:
-    name = mp.hf_layer(i, "self_attn.o_proj.bias")
-    if name in st and st.get(name).abs().max() > 0:
-        raise UnsupportedHFModel(
-            f"{st.root}: {name} is non-zero; the Megatron model here has no output-projection "
-            "bias (attention_bias=true is only importable with zero o_proj biases)"
-        )
-
-
-def make_producer(st: SafetensorsDir, cfg: Config, dtype: torch.dtype):
-    """``produce(spec, start, stop)`` for :func:`write_checkpoint` reading HF tensors lazily."""
-    m = cfg.model
-
-    def padded_rows(name: str, start: int, stop: int) -> torch.Tensor:
-        src = st.get(name)
-        out = torch.zeros(stop - start, src.shape[1], dtype=dtype)
-        end = min(stop, m.vocab_size)
-        if end > start:
-            out[: end - start] = src[start:end]
-        return out
-
-    def produce(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
-        if spec.key == mp.EMBEDDING:
-            return padded_rows(mp.HF_EMBEDDING, start, stop)
-        if spec.key == mp.OUTPUT:
-            return padded_rows(mp.HF_LM_HEAD, start, stop)
-        if spec.key == mp.FINAL_NORM:
-            return st.get(mp.HF_NORM)
-        layers = []
-        for i in range(start, stop):
-            layers.append(mp.layer_from_hf(st.get, i, spec.key, m))
-        return torch.stack(layers)
-
-    return produce
 
 
 def import_hf(
@@ -118,7 +51,7 @@ def import_hf(
         raise KeyError(f"{hf_dir}: tie_word_embeddings=false but lm_head.weight is missing")
     if cfg.model.family in O_PROJ_BIAS_FAMILIES and cfg.model.qkv_bias:
         for i in range(cfg.model.num_layers):
-            _check_o_proj_bias(st, i)
+            mp.check_o_proj_bias(st, i)
     torch_dtype = DTYPES[dtype] if dtype else st.get(mp.HF_NORM).dtype
     padded = padded_vocab_size(cfg.model.vocab_size, pad_vocab_to, tp)
     specs = mp.megatron_specs(cfg.model, padded, torch_dtype)
@@ -126,7 +59,7 @@ def import_hf(
     path = write_checkpoint(
         out,
         specs,
-        make_producer(st, cfg, torch_dtype),
+        mp.make_producer(st, cfg, torch_dtype),
         cfg,
         tokenizer=tokenizer if tokenizer.is_file() else None,
         label="import",
@@ -159,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )  # fmt: skip
         if _model_type(args.hf) == "llava":
-            from copd_mega.hf.llava import import_llava
-
             path = import_llava(args.hf, args.out, **kwargs)
         else:
             path = import_hf(args.hf, args.out, **kwargs)

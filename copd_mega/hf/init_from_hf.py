@@ -18,28 +18,16 @@ import shutil
 from pathlib import Path
 
 from copd_mega.config import Config, ConfigError
+from copd_mega.config_hf import UnsupportedHFModel
+from copd_mega.hf.importer import import_hf
 
 HF_INIT = "hf_init"
 SOURCE_FILE = "hf_source.json"
-# Tokenizer and generation files carried with an HF-derived checkpoint (copied as they are).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-    "generation_config.json",
-)  # fmt: skip
 
 
 def hf_init_dir(cfg: Config) -> Path:
     """``RUN/hf_init``: the converted model checkpoint of ``checkpoint.init_from_hf``."""
     return Path(cfg.run_dir) / HF_INIT
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the :data:`TOKENIZER_FILES` present in ``src`` into ``dst``; returns their names."""
-    present = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
-    for name in present:
-        shutil.copyfile(Path(src) / name, Path(dst) / name)
-    return present
 
 
 def source_digest(hf_dir: Path) -> str:
@@ -67,9 +55,6 @@ def prepare_hf_init(cfg: Config, progress: bool = False) -> Path:
     Call on one process (global rank 0) and let the others wait at a barrier. Returns the
     checkpoint directory (weights, ``config.yaml``, tokenizer files, ``hf_source.json``).
     """
-    from copd_mega.hf.families import UnsupportedHFModel
-    from copd_mega.hf.importer import import_hf
-
     hf_dir, cache = Path(cfg.checkpoint.init_from_hf), hf_init_dir(cfg)
     if (cache / SOURCE_FILE).is_file():
         _check_cache(cache, hf_dir)

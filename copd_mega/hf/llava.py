@@ -31,15 +31,23 @@ from pathlib import Path
 import torch
 
 from copd_mega.ckpt.checkpoint import CheckpointError
-from copd_mega.ckpt.offline import CheckpointReader, TensorSpec, progress_bar, write_checkpoint
+from copd_mega.ckpt.offline import CheckpointReader, TensorSpec, write_checkpoint
 from copd_mega.config import Config, validate
+from copd_mega.config_hf import UnsupportedHFModel
+from copd_mega.data import tokenizer as tk
 from copd_mega.hf import llava_mapping as lm
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.export import DTYPES, ShardWriter, export_tensors, parse_size, staged_output
-from copd_mega.hf.families import UnsupportedHFModel
-from copd_mega.hf.importer import SafetensorsDir, make_producer
+from copd_mega.hf.hf_dir import (
+    DTYPES,
+    SafetensorsDir,
+    ShardWriter,
+    export_tokenizer,
+    parse_size,
+    staged_output,
+)
 from copd_mega.models.gpt import padded_vocab_size
-from copd_mega.models.vlm import check_vision_fits
+from copd_mega.parallel.topology import check_vision_fits
+from copd_mega.report.progress import progress_bar
 
 IMAGE_TOKEN = "<image>"
 
@@ -107,9 +115,6 @@ def _save_tokenizer(tokenizer_json: Path | None, out: Path) -> dict[str, int | N
     """Save the tokenizer (``<image>`` registered as special for the product's); bos/eos/pad ids."""
     from tokenizers import Tokenizer
 
-    from copd_mega.data import tokenizer as tk
-    from copd_mega.hf.export import export_tokenizer
-
     if tokenizer_json is None:
         return {}
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -175,7 +180,7 @@ def export_llava(
         numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
         with progress_bar("export", numel * torch_dtype.itemsize, progress) as advance:
             writer = ShardWriter(tmp, max_shard_bytes, advance)
-            export_tensors(_Prefixed(reader, cfg), _Renaming(writer, "text"), torch_dtype)
+            mp.export_tensors(_Prefixed(reader, cfg), _Renaming(writer, "text"), torch_dtype)
             export_vision(reader, writer, cfg, torch_dtype)
             writer.finish()
         name = str(torch_dtype).removeprefix("torch.")
@@ -207,7 +212,7 @@ class LlavaTensors:
 
 
 class _TextView:
-    """The language model's tensors under Llama names (what ``importer.make_producer`` reads)."""
+    """The language model's tensors under Llama names (what ``mapping.make_producer`` reads)."""
 
     def __init__(self, hf: LlavaTensors):
         self.hf, self.root = hf, hf.st.root
@@ -221,7 +226,7 @@ class _TextView:
 
 def make_vlm_producer(hf: LlavaTensors, cfg: Config, dtype: torch.dtype):
     """``produce(spec, start, stop)`` for :func:`write_checkpoint` reading HF tensors lazily."""
-    text = make_producer(_TextView(hf), cfg, dtype)
+    text = mp.make_producer(_TextView(hf), cfg, dtype)
 
     def produce(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
         if spec.key.startswith(lm.LM):

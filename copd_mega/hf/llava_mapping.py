@@ -27,8 +27,9 @@ import torch
 
 from copd_mega.ckpt.offline import TensorSpec
 from copd_mega.config import Config, ModelConfig, VisionConfig
+from copd_mega.config_hf import UnsupportedHFModel
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import UnsupportedHFModel, hf_config, model_config_from_hf
+from copd_mega.hf.families import hf_config, model_config_from_hf
 from copd_mega.models.vlm import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS, image_token_count
 
 LM, VIT, PROJ = "language_model.", "vision_model.", "vision_projection.encoder."

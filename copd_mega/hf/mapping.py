@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from copd_mega.ckpt.offline import TensorSpec
-from copd_mega.config import ModelConfig
+from copd_mega.ckpt.offline import CheckpointReader, TensorSpec
+from copd_mega.config import Config, ModelConfig
+from copd_mega.config_hf import UnsupportedHFModel
+from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES
+from copd_mega.hf.hf_dir import SafetensorsDir, ShardWriter
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
@@ -155,3 +158,61 @@ def layer_from_hf(get, i: int, key: str, m: ModelConfig) -> torch.Tensor:
     kind = {QKV: "weight", QKV_BIAS: "bias"}[key]
     q, k, v = (get(hf_layer(i, f"self_attn.{p}_proj.{kind}")) for p in "qkv")
     return fuse_qkv(q, k, v, m)
+
+
+def export_tensors(reader: CheckpointReader, writer: ShardWriter, dtype: torch.dtype) -> None:
+    """Stream every HF tensor of the checkpoint into ``writer`` (layer by layer)."""
+    m = reader.config().model
+    vocab = m.vocab_size
+
+    def rows(key: str) -> torch.Tensor:  # embedding/output with the padded rows dropped
+        return reader.read({key: (0, vocab)})[key].to(dtype)
+
+    writer.add(HF_EMBEDDING, rows(EMBEDDING))
+    layer_keys = [k for k in reader.specs if k.startswith("decoder.layers.")]
+    for i in range(m.num_layers):
+        layer = {k: t[0] for k, t in reader.read({k: (i, i + 1) for k in layer_keys}).items()}
+        hf = layer_to_hf({k: t.to(dtype) for k, t in layer.items()}, i, m)
+        if m.qkv_bias and m.family in O_PROJ_BIAS_FAMILIES:  # attention_bias also biases o_proj
+            hf[hf_layer(i, "self_attn.o_proj.bias")] = torch.zeros(m.hidden_size, dtype=dtype)
+        for name, t in hf.items():
+            writer.add(name, t)
+    writer.add(HF_NORM, reader.read({FINAL_NORM: None})[FINAL_NORM].to(dtype))
+    if not m.tie_embeddings:
+        writer.add(HF_LM_HEAD, rows(OUTPUT))
+
+
+def check_o_proj_bias(st: SafetensorsDir, i: int) -> None:
+    name = hf_layer(i, "self_attn.o_proj.bias")
+    if name in st and st.get(name).abs().max() > 0:
+        raise UnsupportedHFModel(
+            f"{st.root}: {name} is non-zero; the Megatron model here has no output-projection "
+            "bias (attention_bias=true is only importable with zero o_proj biases)"
+        )
+
+
+def make_producer(st: SafetensorsDir, cfg: Config, dtype: torch.dtype):
+    """``produce(spec, start, stop)`` for :func:`write_checkpoint` reading HF tensors lazily."""
+    m = cfg.model
+
+    def padded_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        src = st.get(name)
+        out = torch.zeros(stop - start, src.shape[1], dtype=dtype)
+        end = min(stop, m.vocab_size)
+        if end > start:
+            out[: end - start] = src[start:end]
+        return out
+
+    def produce(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
+        if spec.key == EMBEDDING:
+            return padded_rows(HF_EMBEDDING, start, stop)
+        if spec.key == OUTPUT:
+            return padded_rows(HF_LM_HEAD, start, stop)
+        if spec.key == FINAL_NORM:
+            return st.get(HF_NORM)
+        layers = []
+        for i in range(start, stop):
+            layers.append(layer_from_hf(st.get, i, spec.key, m))
+        return torch.stack(layers)
+
+    return produce

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError, DataConfig
+from copd_mega.data.cli import main as data_main
 from copd_mega.data.reader import ShardReader
+from copd_mega.data.synthetic import CAPABILITIES
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
+from copd_mega.hf.init_from_hf import hf_init_dir, prepare_hf_init
 from copd_mega.parallel import comm
 
 
@@ -67,8 +70,6 @@ def prepare_data(cfg: Config) -> Path:
     if cfg.checkpoint.init_from_hf:
         _convert_hf_once(cfg, leader)
     if not cfg.data.dir and leader:
-        from copd_mega.data.cli import main as data_main
-
         root.mkdir(parents=True, exist_ok=True)
         for cap in needed:
             if not sorted(_cap_dir(cfg, cap).glob("train-*.tar")):
@@ -84,8 +85,6 @@ def prepare_data(cfg: Config) -> Path:
     for b in cfg.branches:
         shard_paths(cfg, b.data, "train")
     if cfg.checkpoint.init_from_hf:
-        from copd_mega.hf.init_from_hf import hf_init_dir
-
         return hf_init_dir(cfg)
     if not tok_path.exists():
         raise ConfigError(
@@ -97,8 +96,6 @@ def prepare_data(cfg: Config) -> Path:
 
 def _convert_hf_once(cfg: Config, leader: bool) -> None:
     """Rank 0 converts ``checkpoint.init_from_hf``; its error is raised on every rank."""
-    from copd_mega.hf.init_from_hf import prepare_hf_init
-
     error, failure = None, None
     if leader:
         try:
@@ -116,8 +113,6 @@ def _convert_hf_once(cfg: Config, leader: bool) -> None:
 def check_branch_data(cfg: Config, root: Path) -> None:
     """Every data name of every branch is a built-in capability or holds shards already
     (checked on every rank before rank 0 synthesises anything); the error names the setting."""
-    from copd_mega.data.synthetic import CAPABILITIES
-
     for i, b in enumerate(cfg.branches):
         for cap in capabilities_of(b.data) or [""]:
             if cap in CAPABILITIES or sorted(_cap_dir(cfg, cap).glob("train-*.tar")):

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from copd_mega.config import Config
+from copd_mega.launch.validate import prompt_positions_bound
 from copd_mega.models.gpt import padded_vocab_size
 
 GIB = 2**30
@@ -121,8 +122,6 @@ def activation_bytes(cfg: Config, seq: int) -> float:
 
 def memory_parts(cfg: Config) -> list[Part]:
     """The per-GPU memory plan of ``cfg``, part by part (bytes)."""
-    from copd_mega.launch.validate import prompt_positions_bound
-
     m, p, r = cfg.model, cfg.parallel, cfg.rollout
     e = _elem_bytes(cfg)
     local = stage_params(cfg)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
+from copd_mega.data.tokenizer import build_tokenizer
 from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.launch.datasets import ChatCodec, capabilities_of
 from copd_mega.models.vlm import image_token_count
@@ -120,8 +121,6 @@ def _prompt_counter(cfg: Config):
         src = Path(cfg.checkpoint.init_from_hf)
         codec = ChatCodec(src if src.is_dir() else hf_init_dir(cfg), cfg.data)
         return lambda prompt: len(codec.prompt_ids(prompt))
-    from copd_mega.data.tokenizer import build_tokenizer
-
     tok = build_tokenizer()
     return lambda prompt: 1 + len(tok.encode(cfg.data.prompt_template.format(prompt=prompt)).ids)
 
@@ -147,8 +146,6 @@ def check_builtin_tokenizer(cfg: Config) -> None:
     fit ``model.vocab_size`` (a tokenizer under ``data.dir`` is checked at start-up)."""
     if cfg.data.dir:
         return
-    from copd_mega.data.tokenizer import build_tokenizer
-
     check_vocab(cfg, build_tokenizer().get_vocab_size(), "the built-in tokenizer")
 
 

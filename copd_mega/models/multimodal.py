@@ -1,15 +1,18 @@
-"""Images and video in the CoPD loop: media that travel with rollout rows, VLM microbatches.
+"""Images and video in the CoPD loop: the media that rows own, and how the VLM reads them.
 
 A sample's media are its images (``[3, H, W]`` each) and its video's frames (``[F, 3, H, W]``,
 sampled once by the reader with ``data.media.frame_indices``; one medium of F tiles). The prompt
 gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`).
-From then on the **same pixel tensors** follow the rows: rollout -> GRPO/OPD rows -> the
-exchange to the teacher -> every microbatch, so no frame is ever sampled or decoded twice.
+From then on the **same pixel tensors** are part of the rows: ``Rollouts.media`` ->
+``Rows.media`` (GRPO/OPD rows) -> the exchange to the teacher -> each microbatch's ``media``,
+so no frame is ever sampled or decoded twice and the loop treats text and vision rows alike.
 
 :class:`RowMedia` holds the media of N rows as raw ``[0, 1]`` float32 (the CLIP normalisation
 is applied by :func:`copd_mega.models.vlm.prepare_inputs` at each forward, identically everywhere).
-:func:`text_logits` runs ``LLaVAModel`` and gathers its logits at ``text_positions``, so the
-result is token-aligned like a GPT's and ``response_logprobs``/top-k/the objective are unchanged.
+A VLM branch model carries a :class:`MediaSpec` (``BranchModel.media_spec``) that turns a
+microbatch's tokens and media into ``LLaVAModel`` inputs; :func:`text_logits` runs the model and
+gathers its logits at ``text_positions``, so the result is token-aligned like a GPT's and
+``response_logprobs``/top-k/the objective are unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError
+from copd_mega.models.vlm import VLMBatch, prepare_inputs, with_placeholders
 
 
 @dataclass
@@ -99,8 +103,6 @@ def prompt_with_media(codec, sample: dict, vision: bool) -> tuple[list[int], lis
 
     Raises ConfigError when a sample has media but ``vision.enabled`` is false.
     """
-    from copd_mega.models.vlm import with_placeholders
-
     ids, media = codec.prompt_ids(sample["prompt"]), sample_media(sample)
     if not media:
         return ids, []
@@ -137,18 +139,16 @@ class MediaSpec:
     image_id: int
     pad_id: int
 
-    def attach(self, mbs: list[dict], media: RowMedia, size: int) -> list[dict]:
-        """Add ``mb["vlm"]`` (a :class:`copd_mega.models.vlm.VLMBatch`) to microbatches of ``size``
-        rows cut from the rows ``media`` belongs to; returns ``mbs``."""
-        from copd_mega.models.vlm import prepare_inputs
+    def inputs(self, tokens: Tensor, media: RowMedia) -> VLMBatch:
+        """``LLaVAModel`` inputs of rows ``tokens [B, S]`` with their ``media`` (B rows), on the
+        tokens' device."""
+        return prepare_inputs(self.cfg, tokens.tolist(), media.to_lists(), self.image_id,
+                              self.pad_id, tokens.device)  # fmt: skip
 
-        for i, mb in enumerate(mbs):
-            sub = media.rows(i * size, i * size + mb["tokens"].shape[0])
-            mb["vlm"] = prepare_inputs(
-                self.cfg, mb["tokens"].tolist(), sub.to_lists(), self.image_id, self.pad_id,
-                mb["tokens"].device,
-            )  # fmt: skip
-        return mbs
+
+def media_spec(cfg: Config, codec) -> MediaSpec | None:
+    """The :class:`MediaSpec` of a branch model with ``vision.enabled`` (None for the GPT)."""
+    return MediaSpec(cfg, codec.image, codec.pad) if cfg.vision.enabled else None
 
 
 def text_logits(model, batch) -> Tensor:

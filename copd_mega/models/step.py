@@ -1,11 +1,12 @@
 """One optimizer step of a branch through megatron's forward-backward schedule.
 
 Microbatches are dicts of CPU/GPU tensors with a common padded length ``[mbs, S]``: ``tokens``,
-``position_ids`` and whatever the loss needs; a microbatch with ``vlm`` (a ``VLMBatch``) runs
-the vision-language model and gets token-aligned logits (``multimodal.text_logits``).
+``position_ids`` and whatever the loss needs; a microbatch whose rows carry ``media`` (a
+``RowMedia``) runs the vision-language model on the inputs ``BranchModel.media_spec`` makes and
+gets token-aligned logits (``multimodal.text_logits``).
 ``loss_fn(mb, logits)`` runs on the **last PP stage** (every TP rank) with vocab-parallel logits ``[mbs, S, V/TP]`` and returns
 ``(loss_sum, num_units, metrics)`` (``num_units`` a device tensor). megatron's
-``calculate_per_token_loss`` (set before DDP is built, ``model.wrap_branch_model``) then divides
+``calculate_per_token_loss`` (set before DDP is built, ``models.branch.wrap_branch_model``) then divides
 the gradient by the global ``num_units`` summed over microbatches and the branch's DP ranks, so
 ``loss_sum / num_units`` is an exact global mean (tokens for token-mean, sequences for seq-mean).
 """
@@ -20,7 +21,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from copd_mega.models.gpt import BranchModel
+from copd_mega.models.branch import BranchModel
 from copd_mega.models.multimodal import text_logits
 from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
@@ -31,7 +32,7 @@ LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 def prepare_for_training(bm: BranchModel, topo: Topology) -> None:
     """Hook megatron's grad finalisation into the branch's config.
 
-    Per-token loss scaling must already be on (``model.wrap_branch_model`` sets it before DDP is
+    Per-token loss scaling must already be on (``models.branch.wrap_branch_model`` sets it before DDP is
     built; setting it afterwards would leave DDP's 1/DP pre-scaling in place and make every
     gradient DP times too small).
     """
@@ -75,8 +76,8 @@ def run_microbatches(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        if "vlm" in mb:  # vision-language rows: LLaVA forward, logits back at text positions
-            logits = text_logits(model, mb["vlm"])
+        if "media" in mb:  # vision-language rows: LLaVA forward, logits back at text positions
+            logits = text_logits(model, _vlm_inputs(bm, mb))
         else:
             logits = model(mb["tokens"], mb["position_ids"], None)
 
@@ -105,6 +106,14 @@ def run_microbatches(
     return list(out) if topo.is_last_stage else []
 
 
+def _vlm_inputs(bm: BranchModel, mb: dict):
+    """The ``LLaVAModel`` inputs of a microbatch whose rows carry ``media``."""
+    if bm.media_spec is None:
+        raise ValueError("rows carry media but the branch model has no media_spec; build it with "
+                         "vision.enabled=true and set BranchModel.media_spec")  # fmt: skip
+    return bm.media_spec.inputs(mb["tokens"], mb["media"])
+
+
 def pad_rows(mb: dict, rows: int) -> dict:
     """``mb`` with zero rows appended up to ``rows`` (every row-aligned tensor; ``position_ids``
     repeated). megatron's pipeline sends one activation shape ``[S, mbs, H]`` between stages, so
@@ -114,7 +123,7 @@ def pad_rows(mb: dict, rows: int) -> dict:
     n = mb["tokens"].shape[0]
     if n == rows:
         return mb
-    if "vlm" in mb:
+    if "media" in mb:
         raise ValueError("vision-language microbatches run with parallel.pp=1 (no padding)")
     out = {}
     for k, v in mb.items():

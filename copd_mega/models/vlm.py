@@ -28,15 +28,17 @@ Text-only samples carry no placeholder and the batch may hold zero images.
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from copd_mega.config import Config, ConfigError
+from copd_mega.config import Config
 from copd_mega.models.gpt import (
-    BranchModel,
     compute_dtype,
+    global_param_names,
     init_weights,
     layer_spec,
     padded_vocab_size,
@@ -45,34 +47,12 @@ from copd_mega.models.gpt import (
     transformer_config,
     use_gpu,
 )
-from copd_mega.parallel.topology import Topology
+from copd_mega.parallel.topology import Topology, check_vision_fits
 
 PLACEHOLDER = -200  # megatron's image position id inside input_ids (DEFAULT_IMAGE_TOKEN_INDEX)
 VIT_NORM_EPS = 1e-5  # CLIP's layer_norm_eps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def check_vision_fits(cfg: Config) -> None:
-    """Divisibility and support checks for ``vision.*`` against ``parallel.*``; ConfigError."""
-    v, tp = cfg.vision, cfg.parallel.tp
-    if not v.enabled:
-        raise ConfigError("vision.enabled=false: build the text model (model.build_gpt) instead")
-    problems = [
-        (v.image_size % v.patch_size, f"vision.image_size={v.image_size} is not divisible by "
-         f"vision.patch_size={v.patch_size}; choose a patch size that tiles the image"),
-        (v.hidden_size % v.num_attention_heads, f"vision.hidden_size={v.hidden_size} is not "
-         f"divisible by vision.num_attention_heads={v.num_attention_heads}"),
-        (v.num_attention_heads % tp, f"vision.num_attention_heads={v.num_attention_heads} is not "
-         f"divisible by parallel.tp={tp}; choose a TP size that divides it"),
-        (v.ffn_hidden_size % tp, f"vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible "
-         f"by parallel.tp={tp}; choose a TP size that divides it"),
-        (cfg.parallel.pp != 1, f"parallel.pp={cfg.parallel.pp}: the vision-language model runs "
-         "with parallel.pp=1 (scale it with TP/DP)"),
-    ]  # fmt: skip
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
 
 
 def image_token_count(cfg: Config) -> int:
@@ -254,11 +234,6 @@ def init_vlm_weights(model, cfg: Config) -> None:
     Normal(0, init_std) for matrices, the class token and position embeddings;
     init_std/sqrt(2*vision.num_layers) for the ViT's output projections; ones/zeros for norms.
     """
-    import math
-    import zlib
-
-    from copd_mega.models.gpt import global_param_names
-
     init_weights(model.language_model, cfg)
     tp = cfg.parallel.tp
     tp_rank = torch.distributed.get_rank(model.pg_collection.tp)
@@ -283,15 +258,6 @@ def init_vlm_weights(model, cfg: Config) -> None:
         if sharded:
             full = tp_slice(full, tp, tp_rank, param.partition_dim, param.partition_stride)
         param.copy_(full.to(param.dtype))
-
-
-def build_vlm_branch_model(
-    cfg: Config, topo: Topology, lr: float | None = None, min_lr: float | None = None
-) -> BranchModel:
-    """``LLaVAModel`` + megatron DDP + distributed optimizer (``model.wrap_branch_model``)."""
-    from copd_mega.models.gpt import wrap_branch_model
-
-    return wrap_branch_model(build_vlm(cfg, topo), cfg, topo, lr, min_lr)
 
 
 # ----------------------------------------------------------------------------- inputs

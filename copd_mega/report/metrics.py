@@ -1,4 +1,5 @@
-"""Metrics: JSONL always, wandb when enabled (offline without a network), progress with ETA.
+"""Metrics: JSONL always, wandb when enabled (offline without a network), progress with ETA
+(``report.progress``, rich).
 
 Each branch leader owns ``RUN/metrics/<branch>.jsonl``: one JSON object per step with the
 schedule position, the branch's scalars and, for OPD steps, ``edge/<student><-<teacher>/...``
@@ -11,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from copd_mega.report.progress import StepProgress
 
 
 def _clean(v: Any) -> Any:
@@ -38,9 +40,7 @@ class MetricsLogger:
         progress: bool = True,
     ) -> None:
         self.active, self.branch, self.total = active, branch, total_steps
-        self.progress = progress and active
-        self._t0 = time.monotonic()
-        self._done_at_start: int | None = None
+        self._progress = StepProgress(branch, total_steps) if progress and active else None
         self._wandb = None
         self._file = None
         if not active:
@@ -81,40 +81,14 @@ class MetricsLogger:
         if self._wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             self._wandb.log(scalars, step=step)
-        if self.progress:
-            self._print_progress(step, record)
-
-    def _print_progress(self, step: int, record: dict[str, Any]) -> None:
-        if self._done_at_start is None:
-            self._done_at_start = step
-        done = step + 1 - self._done_at_start
-        elapsed = time.monotonic() - self._t0
-        left = (self.total - step - 1) * elapsed / max(done, 1)
-        bar_w = 20
-        filled = int(bar_w * (step + 1) / max(self.total, 1))
-        keys = ("phase", "reward", "accuracy", "overlap", "loss")
-        summary = " ".join(
-            f"{k}={record[k]:.3f}" if isinstance(record.get(k), float) else f"{k}={record[k]}"
-            for k in keys
-            if k in record
-        )
-        print(
-            f"[{self.branch}] [{'#' * filled}{'.' * (bar_w - filled)}] step {step + 1}/"
-            f"{self.total} {summary} | {elapsed / max(done, 1):.1f}s/step ETA {_hms(left)}",
-            file=sys.stdout,
-            flush=True,
-        )
+        if self._progress is not None:
+            self._progress.update(step, record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _start_wandb(run_dir, branch, mode, project, config):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from copd_mega.report.metrics import read_metrics
+from copd_mega.report.scaling import main as scaling_main
 
 PANELS = [
     ("reward", "mean reward (native batch)"),
@@ -75,8 +76,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "scaling":
-        from copd_mega.report.scaling import main as scaling_main
-
         return scaling_main(argv[1:])
     ap = argparse.ArgumentParser(prog="copd report", description=__doc__)
     ap.add_argument("run_dir")

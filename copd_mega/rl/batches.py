@@ -8,6 +8,8 @@ and the id of their teaching edge. Every row may carry the sampler's log-probs o
 **one** update: the clipped surrogate sees ``[N, L]`` advantages (sequence advantage repeated,
 or beta * delta). Rows stay on the device the rollouts came from; only the microbatch
 bookkeeping (which rows are OPD rows, which edges) is on the host, so no step syncs for it.
+Vision rows own their media (``Rows.media``, a ``RowMedia``): they are joined, cut and carried
+into every microbatch with the tokens, so a text row and an image row look the same to the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from copd_mega.models.multimodal import RowMedia
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Rows:
     teacher_topk [M, L, k] long holds the teacher's top-k ids of the M OPD rows only, in row
     order (None without OPD rows, or where no teacher scores exist: off the last PP stage).
     sampler_logp [N, L] float32: the sampler's log-probs of the same tokens (None when unknown).
+    media: the rows' images/video (``vision.enabled``; on the host), None for the text model.
     """
 
     tokens: Tensor
@@ -41,6 +46,7 @@ class Rows:
     row_edges: list[int]
     teacher_topk: Tensor | None = None
     sampler_logp: Tensor | None = None
+    media: RowMedia | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -61,7 +67,9 @@ def pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
     return torch.cat([x, x.new_full(pad_shape, value)], dim=1)
 
 
-def _rows(tokens, prompt_lens, lengths, adv, teacher_logp, beta, edge, topk, sampler) -> Rows:
+def _rows(
+    tokens, prompt_lens, lengths, adv, teacher_logp, beta, edge, topk, sampler, media
+) -> Rows:
     n, width = tokens.shape
     dev = tokens.device
     return Rows(
@@ -75,6 +83,7 @@ def _rows(tokens, prompt_lens, lengths, adv, teacher_logp, beta, edge, topk, sam
         row_edges=[edge] * n,
         teacher_topk=None if topk is None else topk.long().to(dev),
         sampler_logp=None if sampler is None else sampler.float().to(dev),
+        media=media,
     )
 
 
@@ -84,11 +93,12 @@ def grpo_rows(
     lengths: Tensor,
     adv: Tensor,
     sampler_logp: Tensor | None = None,
+    media: RowMedia | None = None,
 ) -> Rows:
     """Rows for the native GRPO batch: ``adv`` [N] sequence advantages (no top-k)."""
     n, width = tokens.shape
     zeros = torch.zeros(n, width, device=tokens.device)
-    return _rows(tokens, prompt_lens, lengths, adv, zeros, 0.0, -1, None, sampler_logp)
+    return _rows(tokens, prompt_lens, lengths, adv, zeros, 0.0, -1, None, sampler_logp, media)
 
 
 def opd_rows(
@@ -100,22 +110,27 @@ def opd_rows(
     beta: float,
     edge: int,
     sampler_logp: Tensor | None = None,
+    media: RowMedia | None = None,
 ) -> Rows:
     """Rows for one teaching edge (``edge`` >= 0): the student's rollouts on the teacher's
     prompts, with the teacher's log-probs ``[N, L]`` and top-k ids ``[N, L, k]`` (or None)."""
     n = tokens.shape[0]
     adv = torch.zeros(n, device=tokens.device)
     return _rows(tokens, prompt_lens, lengths, adv, teacher_logp, beta, edge, teacher_topk,
-                 sampler_logp)  # fmt: skip
+                 sampler_logp, media)  # fmt: skip
 
 
 def concat_rows(parts: list[Rows], width: int | None = None, pad_id: int = 0) -> Rows:
     """Concatenate row sets, right-padding every tensor to the longest (or ``width``).
 
     ``teacher_topk`` joins the parts that have one; ``sampler_logp`` is kept only when every
-    part has it.
+    part has it; ``media`` joins in row order (every part has media, or none has).
     """
     width = width or max(p.tokens.shape[1] for p in parts)
+    has_media = [p.media is not None for p in parts]
+    if any(has_media) and not all(has_media):
+        raise ValueError("concat_rows: some parts carry media and some do not; every branch of "
+                         "a vision job builds rows with media")  # fmt: skip
 
     def cat(name: str, value: float = 0) -> Tensor:
         return torch.cat([pad_to(getattr(p, name), width, value) for p in parts])
@@ -133,16 +148,21 @@ def concat_rows(parts: list[Rows], width: int | None = None, pad_id: int = 0) ->
         teacher_topk=torch.cat(topk) if topk else None,
         sampler_logp=cat("sampler_logp") if all(p.sampler_logp is not None for p in parts)
         else None,
+        media=RowMedia.cat([p.media for p in parts]) if all(has_media) else None,
     )  # fmt: skip
 
 
 def split_microbatches(
-    tensors: dict[str, Tensor], size: int, device: torch.device
-) -> list[dict[str, Tensor]]:
+    tensors: dict[str, Tensor],
+    size: int,
+    device: torch.device,
+    media: RowMedia | None = None,
+) -> list[dict]:
     """Cut row-aligned tensors (``tokens`` [N, L] among them) into dicts of at most ``size`` rows.
 
     Adds ``position_ids``; every microbatch keeps the width L (megatron's pipeline schedule
-    needs one shape). Tensors move to ``device``.
+    needs one shape). Tensors move to ``device``. ``media`` (the N rows' images/video): each
+    microbatch gets its rows' as ``media``.
     """
     n, width = tensors["tokens"].shape
     out = []
@@ -151,7 +171,7 @@ def split_microbatches(
         rows = mb["tokens"].shape[0]
         mb["position_ids"] = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
         out.append(mb)
-    return out
+    return _with_media(out, media, size)
 
 
 def microbatches(
@@ -162,13 +182,14 @@ def microbatches(
 
     Each microbatch also carries host metadata: ``opd_rows`` (its rows that are OPD rows, local
     indices), ``edges`` (the teaching edges it holds) and, when the rows have top-k ids,
-    ``teacher_topk`` ``[len(opd_rows), L, k]`` for exactly those rows.
+    ``teacher_topk`` ``[len(opd_rows), L, k]`` for exactly those rows; vision rows' ``media``
+    (a ``RowMedia`` of its rows).
     """
     names = ("tokens", "mask", "adv", "opd", "teacher_logp", "beta", "edge")
     tensors = {k: getattr(rows, k) for k in names} | dict(extra or {})
     if rows.sampler_logp is not None:
         tensors["sampler_logp"] = rows.sampler_logp
-    out = split_microbatches(tensors, size, device)
+    out = split_microbatches(tensors, size, device, rows.media)
     seen = 0  # OPD rows before this microbatch: its offset into teacher_topk
     for i, mb in enumerate(out):
         own = rows.row_edges[i * size : i * size + mb["tokens"].shape[0]]
@@ -180,6 +201,16 @@ def microbatches(
     return out
 
 
-def sequence_microbatches(tokens: Tensor, size: int, device: torch.device) -> list[dict]:
-    """Forward-only microbatches of bare sequences ``[N, L]`` (teacher scoring)."""
-    return split_microbatches({"tokens": tokens}, size, device)
+def sequence_microbatches(
+    tokens: Tensor, size: int, device: torch.device, media: RowMedia | None = None
+) -> list[dict]:
+    """Forward-only microbatches of sequences ``[N, L]`` and their media (teacher scoring)."""
+    return split_microbatches({"tokens": tokens}, size, device, media)
+
+
+def _with_media(mbs: list[dict], media: RowMedia | None, size: int) -> list[dict]:
+    """Give each microbatch of ``size`` rows the ``media`` of its rows (None: text rows)."""
+    if media is not None:
+        for i, mb in enumerate(mbs):
+            mb["media"] = media.rows(i * size, i * size + mb["tokens"].shape[0])
+    return mbs

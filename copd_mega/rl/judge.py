@@ -2,7 +2,7 @@
 
 Every TP (and PP) rank of a DP replica holds the same rollouts, but a verification that times
 out on one rank and not another would desynchronise the replica. So only rank 0 of the replica's
-model-parallel group runs the :class:`~copd_mega.rl.rewards.RewardPool` (``rewards.workers`` worker
+model-parallel group runs the :class:`~copd_mega.rl.reward_pool.RewardPool` (``rewards.workers`` worker
 processes with a hard deadline of ``rewards.timeout_s`` per item, hanging items scored in
 parallel) and broadcasts the rewards.
 """
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from copd_mega.config import RewardsConfig
 from copd_mega.parallel import comm
 from copd_mega.parallel.topology import Topology
-from copd_mega.rl.rewards import RewardPool
+from copd_mega.rl.reward_pool import RewardPool
 
 
 class Judge:

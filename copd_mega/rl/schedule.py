@@ -7,15 +7,15 @@ from the same config, so no communication is needed to agree on the phase.
 Modes (docs/method.md, "Baselines"):
 - ``copd``: ``cycles`` x (``rl_steps`` "rl" steps, then ``opd_steps`` "opd" steps). Every branch
   learns every step; in OPD steps all teaching edges are active and the teachers are the
-  *current* peers (``frozen_teachers=False``).
+  *current* peers (they learn in the same step).
 - ``expert``: every branch runs GRPO only, ``cycles * (rl_steps + opd_steps)`` steps, so an
   expert run spends the same number of steps as the CoPD run it is compared with.
 - ``mixed``: one branch whose data is the union, ``mixed_steps`` steps. The caller computes
   ``mixed_steps`` as the sum of the experts' steps, K * cycles * (rl_steps + opd_steps) for K
   experts (the paper's "steps = sum of the experts' steps").
 - ``static_opd``: stage 1 = experts (``cycles * rl_steps`` steps, every branch learns); stage 2 =
-  ``cycles * opd_steps`` OPD steps where only ``student`` learns, from the one other (frozen)
-  branch. Exactly two branches.
+  ``cycles * opd_steps`` OPD steps where only ``student`` learns, from the one other branch,
+  which no longer learns (a frozen teacher). Exactly two branches.
 - ``mopd``: as ``static_opd`` but ``student`` learns from every other branch (all frozen).
 
 Cycle numbering: for copd/expert/mixed a cycle is ``rl_steps + opd_steps`` consecutive steps
@@ -28,26 +28,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 MODES: tuple[str, ...] = ("copd", "expert", "mixed", "static_opd", "mopd")
+PHASES: tuple[str, ...] = ("rl", "opd")
 Edge = tuple[str, str]  # (student, teacher)
+Phase = Literal["rl", "opd"]
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """What one global optimizer step does.
 
-    ``learners`` do an optimizer step; ``edges`` are the active (student, teacher) OPD edges;
-    ``frozen_teachers`` is True when teachers' weights do not change while they teach.
+    ``phase`` is what the loop branches on: "rl" (each learner's GRPO rows only) or "opd"
+    (GRPO rows plus, for each active (student, teacher) edge in ``edges``, the student's rollouts
+    on the teacher's prompts scored by the teacher). ``learners`` do an optimizer step; a
+    teacher that is not a learner (static_opd/mopd) is frozen while it teaches. An "rl" step has
+    no edges; an "opd" step may have none (``teaching.graph=none``): then it is an RL step too.
     """
 
     step: int
     cycle: int
-    phase: str  # "rl" | "opd"
+    phase: Phase
     learners: tuple[str, ...]
     edges: tuple[Edge, ...]
-    frozen_teachers: bool
     end_of_cycle: bool
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"StepPlan.phase={self.phase!r}: use one of {', '.join(PHASES)}")
+        if self.phase == "rl" and self.edges:
+            raise ValueError(f"step {self.step}: an 'rl' step has no teaching edges")
 
 
 def _check_count(name: str, value: int, minimum: int, why: str = "") -> None:
@@ -180,7 +191,6 @@ def _copd_plan(
                     phase="opd" if is_opd else "rl",
                     learners=branches,
                     edges=edges if is_opd else (),
-                    frozen_teachers=False,
                     end_of_cycle=i == rl + opd - 1,
                 )
             )
@@ -199,7 +209,6 @@ def _distil_plan(
         phase="rl",
         learners=branches,
         edges=(),
-        frozen_teachers=False,
     )
     edges = tuple((student, t) for t in branches if t != student)
     distil = _cycled(
@@ -210,7 +219,6 @@ def _distil_plan(
         phase="opd",
         learners=(student,),
         edges=edges,
-        frozen_teachers=True,
     )
     return experts + distil
 
@@ -254,7 +262,6 @@ def build_plan(
             phase="rl",
             learners=names,
             edges=(),
-            frozen_teachers=False,
         )
     if mode == "mixed":
         return _cycled(
@@ -265,7 +272,6 @@ def build_plan(
             phase="rl",
             learners=names,
             edges=(),
-            frozen_teachers=False,
         )
     return _distil_plan(names, student, cycles, rl_steps, opd_steps)
 

@@ -7,15 +7,14 @@ by another engine would disagree numerically with the student's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from copd_mega.models.gpt import BranchModel
+from copd_mega.models.branch import BranchModel
+from copd_mega.models.multimodal import RowMedia
 from copd_mega.models.step import run_microbatches
 from copd_mega.parallel.topology import Topology
-from copd_mega.rl.batches import sequence_microbatches
+from copd_mega.rl.batches import Rows, sequence_microbatches
 from copd_mega.rl.logprobs import response_logprobs, token_topk
 
 
@@ -38,15 +37,15 @@ def score_sequences(
     micro_batch_size: int,
     chunk: int,
     device: torch.device,
-    vlm: Callable[[list[dict]], list[dict]] | None = None,
+    media: RowMedia | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``
     (``top_k=0``: log-probs only, the ids come back as ``[N, L, 0]``).
 
     Token-aligned (position t scores token t given tokens < t; position 0 is 0). Every rank of
     the branch calls it with the same tokens; the result is valid on the **last PP stage, every
-    TP rank**; other stages get ``None``. ``vlm`` adds the rows' VLM inputs to the
-    microbatches (``MediaSpec.attach`` bound to the rows' media); None for text rows.
+    TP rank**; other stages get ``None``. ``media``: the rows' images/video (vision rows; the
+    branch model's ``media_spec`` turns them into VLM inputs), None for text rows.
     """
 
     def loss_fn(mb: dict, logits: Tensor):
@@ -60,9 +59,7 @@ def score_sequences(
 
     bm.model.eval()
     try:
-        mbs = sequence_microbatches(tokens, micro_batch_size, device)
-        if vlm is not None:
-            mbs = vlm(mbs)
+        mbs = sequence_microbatches(tokens, micro_batch_size, device, media)
         out = run_microbatches(bm, topo, mbs, loss_fn, forward_only=True)
     finally:
         bm.model.train()
@@ -70,3 +67,19 @@ def score_sequences(
         return None
     n = tokens.shape[0]  # at PP > 1 the last microbatch may carry padding rows: cut them
     return torch.cat([o["logp"] for o in out])[:n], torch.cat([o["topk"] for o in out])[:n]
+
+
+def row_logprobs(
+    bm: BranchModel,
+    topo: Topology,
+    rows: Rows,
+    vocab_size: int,
+    micro_batch_size: int,
+    chunk: int,
+    device: torch.device,
+) -> Tensor:
+    """Token-aligned log-probs ``[N, L]`` of ``rows`` (with their media) under ``bm``: valid on
+    the last PP stage, zeros elsewhere; on ``device`` (old-policy and reference log-probs)."""
+    res = score_sequences(bm, topo, rows.tokens, 0, vocab_size, micro_batch_size, chunk, device,
+                          rows.media)  # fmt: skip
+    return res[0] if res is not None else torch.zeros(rows.tokens.shape, device=device)

@@ -33,18 +33,18 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config
+from copd_mega.models.vlm import prepare_inputs
 from copd_mega.parallel.topology import Topology
 from copd_mega.rl.pipeline_step import compact_cache, share_from_last_stage
 from copd_mega.rl.rollout import (
+    MegatronSampler,
     PromptBatch,
-    Rollouts,
-    SamplingParams,
     _concat,
     _reorder,
     decode_loop,
     pack_prompts,
-    row_uniforms,
 )
+from copd_mega.rl.sampling import Rollouts, SamplingParams, row_uniforms
 
 
 def _unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
@@ -130,8 +130,6 @@ class VLMSampler:
             batch.tokens = batch.tokens.to(dev)
             step = _FullStep(self, media, params.pad_id)
             return decode_loop(batch, step, params, self.vocab_size, share)
-        from copd_mega.models.vlm import prepare_inputs
-
         vb = prepare_inputs(self.cfg, prompts, media, self.image_id, params.pad_id, dev)
         text = pack_prompts(prompts, params, draws)
         ends = text.prompt_lens.to(dev)[:, None] - 1
@@ -240,8 +238,6 @@ class _FullStep:
         self.s, self.media, self.pad_id = sampler, media, pad_id
 
     def __call__(self, tokens: Tensor, rows: Tensor, start: int, end: int, decode: bool):
-        from copd_mega.models.vlm import prepare_inputs
-
         s = self.s
         media = [self.media[i] for i in rows.tolist()]
         vb = prepare_inputs(s.cfg, tokens[rows, :end].tolist(), media, s.image_id, self.pad_id,
@@ -258,8 +254,6 @@ def make_sampler(model: torch.nn.Module, topo: Topology, cfg: Config, codec):
     """The branch's rollout engine: :class:`VLMSampler` when ``vision.enabled``, else the
     KV-cached text :class:`~copd_mega.rl.rollout.MegatronSampler`; both generate
     ``rollout.max_batch_size`` rows at a time."""
-    from copd_mega.rl.rollout import MegatronSampler
-
     size = cfg.rollout.max_batch_size
     if cfg.vision.enabled:
         return VLMSampler(model, topo, cfg, codec.image, max_batch_size=size)

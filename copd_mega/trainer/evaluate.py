@@ -12,12 +12,17 @@ import sys
 import torch
 import torch.distributed as dist
 
+from copd_mega.ckpt.checkpoint import load_model
+from copd_mega.config import ConfigError, load_config
 from copd_mega.launch.datasets import capabilities_of, make_reader
-from copd_mega.launch.runtime import Runtime
+from copd_mega.launch.runtime import Runtime, shutdown, start
+from copd_mega.models.gpt import build_gpt
 from copd_mega.models.multimodal import generate, prompts_and_media
+from copd_mega.models.vlm import build_vlm
 from copd_mega.parallel import comm
 from copd_mega.rl.judge import Judge
-from copd_mega.rl.rollout import SamplingParams
+from copd_mega.rl.sampling import SamplingParams
+from copd_mega.rl.vlm_sampler import make_sampler
 
 
 @torch.no_grad()
@@ -71,12 +76,6 @@ def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     """``copd eval --config C --ckpt DIR [DIR...] [overrides]``: one process group, each ckpt."""
-    from copd_mega.ckpt.checkpoint import load_model
-    from copd_mega.config import ConfigError, load_config
-    from copd_mega.launch.runtime import shutdown, start
-    from copd_mega.models.gpt import build_gpt
-    from copd_mega.rl.vlm_sampler import make_sampler
-
     ap = argparse.ArgumentParser(prog="copd eval", description=__doc__)
     ap.add_argument("--config", required=True)
     ap.add_argument("--ckpt", nargs="+", required=True, help="model checkpoint directories")
@@ -96,8 +95,6 @@ def main(argv: list[str]) -> int:
         return 1
     rt = start(cfg)
     if cfg.vision.enabled:
-        from copd_mega.models.vlm import build_vlm
-
         model = build_vlm(cfg, rt.topo)
     else:
         model = build_gpt(cfg, rt.topo)

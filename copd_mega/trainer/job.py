@@ -27,16 +27,19 @@ from copd_mega.ckpt.checkpoint import (
 )
 from copd_mega.config import Config, to_dict
 from copd_mega.data.reader import ShardReader
-from copd_mega.hf.init_from_hf import copy_tokenizer_files, hf_init_dir
+from copd_mega.hf.hf_dir import copy_tokenizer_files
+from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.launch.datasets import ChatCodec, capabilities_of, make_reader
 from copd_mega.launch.runtime import Runtime, start
 from copd_mega.launch.validate import schedule_plan, validate_job
-from copd_mega.models.gpt import BranchModel, build_branch_model, build_gpt
+from copd_mega.models.branch import BranchModel, build_branch_model
+from copd_mega.models.gpt import build_gpt
+from copd_mega.models.multimodal import media_spec
 from copd_mega.models.step import prepare_for_training
 from copd_mega.parallel import comm
 from copd_mega.report.metrics import MetricsLogger
 from copd_mega.rl.judge import Judge
-from copd_mega.rl.rollout import RolloutEngine
+from copd_mega.rl.sampling import RolloutEngine
 from copd_mega.rl.schedule import ScheduleState, StepPlan
 from copd_mega.rl.vlm_sampler import make_sampler
 from copd_mega.trainer.evaluate import evaluate, format_table
@@ -93,6 +96,7 @@ def build_job(cfg: Config) -> BranchJob:
     plan = schedule_plan(cfg, topo.layout.edges)
     edges = list(dict.fromkeys(e for p in plan for e in p.edges))
     bm = build_branch_model(cfg, topo)
+    bm.media_spec = media_spec(cfg, rt.codec)
     prepare_for_training(bm, topo)
     ref = None
     init = init_checkpoint(cfg)

@@ -22,8 +22,8 @@ from copd_mega.ckpt.checkpoint import save_model
 from copd_mega.config import BranchConfig, Config, ConfigError, TeachingConfig, load_config
 from copd_mega.launch.datasets import capabilities_of, make_reader
 from copd_mega.launch.runtime import Runtime, shutdown, start
-from copd_mega.models.gpt import build_branch_model
-from copd_mega.models.multimodal import MediaSpec, RowMedia, prompt_with_media
+from copd_mega.models.branch import build_branch_model
+from copd_mega.models.multimodal import RowMedia, media_spec, prompt_with_media
 from copd_mega.models.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
 from copd_mega.rl.batches import split_microbatches
 from copd_mega.rl.judge import Judge
@@ -94,6 +94,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     topo, p = rt.topo, pcfg.pretrain
     out_dir = Path(out_dir or Path(cfg.run_dir) / "base")
     bm = build_branch_model(pcfg, topo, lr=p.lr, min_lr=p.lr / 10)
+    bm.media_spec = media_spec(pcfg, rt.codec)
     prepare_for_training(bm, topo)
     sched = OptimizerParamScheduler(
         bm.optimizer, init_lr=0.0, max_lr=p.lr, min_lr=p.lr / 10,
@@ -109,10 +110,7 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     for step in range(p.steps):
         rows = sft_rows(rt, reader.next_batch(per_rank))
         media = rows.pop("media", None)
-        mbs = split_microbatches(rows, pcfg.parallel.micro_batch_size, rt.device)
-        if media is not None:
-            spec = MediaSpec(pcfg, rt.codec.image, rt.codec.pad)
-            mbs = spec.attach(mbs, media, pcfg.parallel.micro_batch_size)
+        mbs = split_microbatches(rows, pcfg.parallel.micro_batch_size, rt.device, media)
         out = run_microbatches(bm, topo, mbs, loss_fn)
         tot = sum(o["nll"] for o in out) if out else torch.zeros(2, device=rt.device)
         stats = optimizer_step(bm, all_finite(tot[:1], topo.branch_group))

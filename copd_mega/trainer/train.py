@@ -21,20 +21,14 @@ import torch.distributed as dist
 from copd_mega.ckpt.checkpoint import CheckpointError, save_step, write_text_atomic
 from copd_mega.config import Config, load_config
 from copd_mega.launch.runtime import shutdown
-from copd_mega.launch.validate import check_prompts
-from copd_mega.models.gpt import branch_seed
-from copd_mega.models.multimodal import MediaSpec, RowMedia, generate, prompts_and_media
 from copd_mega.models.step import all_finite, optimizer_step, run_microbatches
 from copd_mega.parallel import comm
 from copd_mega.parallel.dist import read_launch_env
-from copd_mega.parallel.exchange import pack_rollouts, return_scores, send_media, send_rollouts
 from copd_mega.parallel.merge import merge_in_place
-from copd_mega.rl.batches import Rows, concat_rows, grpo_rows, microbatches, opd_rows
-from copd_mega.rl.losses import grpo_advantages
+from copd_mega.rl.batches import Rows, concat_rows, microbatches
 from copd_mega.rl.objective import make_loss_fn, metric_width, unpack_metrics
-from copd_mega.rl.rollout import Rollouts, SamplingParams
 from copd_mega.rl.schedule import StepPlan, remaining_steps
-from copd_mega.rl.teacher_scores import score_sequences
+from copd_mega.rl.teacher_scores import row_logprobs
 from copd_mega.trainer.job import (
     BranchJob,
     build_job,
@@ -47,6 +41,8 @@ from copd_mega.trainer.job import (
     write_eval,
 )  # fmt: skip
 from copd_mega.trainer.preemption import Preemption
+from copd_mega.trainer.rollouts import REWARD_KEYS, reward_and_advantages, rollout_native
+from copd_mega.trainer.teaching import opd_step_rows
 
 
 def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
@@ -135,44 +131,31 @@ def _with_faults(loss_fn, job: BranchJob):
 def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
     """One global step for this rank's branch; returns its telemetry (valid on every rank).
 
-    Rollouts, rows and teacher scores stay on the device; telemetry accumulates there and is
-    summed over the branch and brought to the host once, at the end of the step.
+    An "rl" step: each learner's GRPO rows. An "opd" step adds, per teaching edge, the student's
+    rollouts on its teacher's prompts scored by the teacher (OPD rows); GRPO and OPD rows go
+    into one update. Rows own their tokens, masks, advantages, teacher scores and (vision rows)
+    media, so text and vision steps read the same. Rollouts, rows and teacher scores stay on
+    the device; telemetry accumulates there and is summed over the branch and brought to the
+    host once, at the end of the step.
     """
     me = job.name
     learner = me in plan.learners
-    teachers = [t for s, t in plan.edges if s == me]
-    students = [s for s, t in plan.edges if t == me]
     record: dict = {"cycle": plan.cycle, "phase": plan.phase, "learner": int(learner)}
     parts: list[Rows] = []
-    media: list[RowMedia] = []  # per part, with vision.enabled
     if learner:
         with job.timed("rollout"):
-            samples, rolls, m = rollout_native(job, plan.step)
+            samples, rolls = rollout_native(job, plan.step)
         with job.timed("reward"):
             rows, reward_sums = reward_and_advantages(job, samples, rolls)
         parts.append(rows)
-        media.append(m)
-    with job.timed("rollout"):
-        peer_out = {t: rollout_peer(job, t, plan.step) for t in teachers}
-    scores = peer_scoring(job, peer_out, students)
-    beta = job.cfg.branches[job.cfg.branch_names.index(me)].beta
-    for t in teachers:
-        r, m = peer_out[t]
-        media.append(m)
-        logp, topk = scores.get(t, _placeholder(r))
-        parts.append(opd_rows(r.tokens, r.prompt_lens, r.lengths, logp, topk, beta,
-                              job.edges.index((me, t)), r.sampler_logprobs))  # fmt: skip
+    if plan.phase == "opd":
+        parts += opd_step_rows(job, plan)
     if learner:
         with job.timed("train"):
-            rows = concat_rows(parts, pad_id=job.rt.codec.pad)
-            all_media = RowMedia.cat(media) if job.cfg.vision.enabled else None
-            metrics_vec, stats = update(job, rows, loss_fn, all_media)
+            metrics_vec, stats = update(job, concat_rows(parts, pad_id=job.rt.codec.pad), loss_fn)
         record.update(stats)
         record.update(_telemetry_to_host(job, reward_sums, metrics_vec))
     return record
-
-
-REWARD_KEYS = ("reward_sum", "correct", "count", "response_len_sum", "timeouts", "errors")
 
 
 def _telemetry_to_host(job: BranchJob, reward_sums: torch.Tensor, metrics_vec: torch.Tensor):
@@ -200,142 +183,23 @@ def _telemetry_to_host(job: BranchJob, reward_sums: torch.Tensor, metrics_vec: t
     return out
 
 
-def rollout_native(job: BranchJob, step: int) -> tuple[list[dict], Rollouts, RowMedia | None]:
-    """G rollouts for each of this DP rank's native prompts (rows grouped by prompt), and the
-    rows' media (with ``vision.enabled``; the reader's pixels, unchanged, else None)."""
-    cfg = job.cfg
-    per_rank = max(cfg.rollout.prompts_per_step // job.rt.topo.layout.dp, 1)
-    samples = job.native.next_batch(per_rank)
-    seed = branch_seed(cfg, job.rt.topo.branch.index) * 7919 + step
-    rolls, media = _generate(job, samples, cfg.grpo.group_size, seed)
-    return samples, rolls, media
-
-
-def rollout_peer(job: BranchJob, teacher: str, step: int) -> tuple[Rollouts, RowMedia | None]:
-    """The student's own rollouts on prompts x' drawn from ``teacher``'s data, and their media."""
-    o = job.cfg.opd
-    per_rank = max(o.prompts_per_peer // job.rt.topo.layout.dp, 1)
-    samples = job.peers[teacher].next_batch(per_rank)
-    seed = branch_seed(job.cfg, job.rt.topo.branch.index) * 7919 + 104729 * (1 + step)
-    seed += job.cfg.branch_names.index(teacher)
-    return _generate(job, samples, o.samples_per_prompt, seed)
-
-
-def _generate(job: BranchJob, samples: list[dict], repeat: int, seed: int):
-    vision = job.cfg.vision.enabled
-    prompts, media = prompts_and_media(job.rt.codec, samples, repeat, vision)
-    check_prompts(job.cfg, prompts, media, job.rt.codec.image)
-    rolls = generate(job.sampler, prompts, media, _sampling(job), seed)
-    return rolls, RowMedia.from_lists(media, job.cfg.vision.image_size) if vision else None
-
-
-def _media_spec(job: BranchJob) -> MediaSpec:
-    return MediaSpec(job.cfg, job.rt.codec.image, job.rt.codec.pad)
-
-
-def _vlm(job: BranchJob, media: RowMedia | None):
-    """Microbatch hook adding the rows' VLM inputs (None for the text model)."""
-    if media is None:
-        return None
-    size = job.cfg.parallel.micro_batch_size
-    return lambda mbs: _media_spec(job).attach(mbs, media, size)
-
-
-def _sampling(job: BranchJob) -> SamplingParams:
-    return SamplingParams.from_config(job.cfg, job.rt.codec.eos, job.rt.codec.pad)
-
-
-def reward_and_advantages(job: BranchJob, samples: list[dict], rolls: Rollouts):
-    """Verifiable rewards of the native rollouts and their GRPO rows (on the device).
-
-    Returns (rows, reward sums ``[len(REWARD_KEYS)]`` on the device, this rank's; summed over
-    the branch by :func:`_telemetry_to_host`). The responses come to the host once, as text
-    for the verifiers.
-    """
-    g, dev = job.cfg.grpo, job.rt.device
-    host = pack_rollouts(rolls.tokens, rolls.prompt_lens, rolls.lengths).cpu()
-    responses = [row[2 + int(row[0]) : 2 + int(row[1])].tolist() for row in host]
-    texts = [job.rt.codec.decode(r) for r in responses]
-    gold = [s for s in samples for _ in range(g.group_size)]
-    items = [(t, s["answer"], s["reward_type"]) for t, s in zip(texts, gold, strict=True)]
-    rewards, status = job.judge.score(items)
-    rewards = rewards.to(dev)
-    adv = grpo_advantages(rewards, g.group_size, g.adv_eps)
-    rows = grpo_rows(rolls.tokens, rolls.prompt_lens, rolls.lengths, adv, rolls.sampler_logprobs)
-    resp_len = (rolls.lengths - rolls.prompt_lens).float()
-    counts = torch.tensor([len(items), status["timeout"], status["error"]], dtype=torch.float32)
-    counts = counts.to(dev)
-    sums = torch.stack([rewards.sum(), (rewards > 0.5).float().sum(), counts[0], resp_len.sum(),
-                        counts[1], counts[2]])  # fmt: skip
-    return rows, sums
-
-
-def peer_scoring(job: BranchJob, peer_out: dict, students: list[str]) -> dict:
-    """Exchange rollouts (and, with vision, their pixels) with peers; score each student's with
-    this branch's current weights. ``peer_out``: teacher -> (Rollouts, RowMedia | None).
-
-    Returns teacher -> (log-probs [N, L], top-k [N, L, k]) on this branch's last-stage ranks.
-    """
-    if not peer_out and not students:
-        return {}
-    topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
-    peer_rolls = {t: r for t, (r, _) in peer_out.items()}
-    out = {t: pack_rollouts(r.tokens, r.prompt_lens, r.lengths) for t, r in peer_rolls.items()}
-    with job.timed("exchange"):
-        incoming = send_rollouts(topo, out, students, dev)
-        pixels = {}
-        if cfg.vision.enabled:
-            packed = {t: m.pack() for t, (_, m) in peer_out.items()}
-            pixels = send_media(topo, packed, students, dev)
-    mine = {}
-    with job.timed("teacher"):
-        for s in students:
-            tokens = incoming[s][:, 2:]
-            media = RowMedia.unpack(*pixels[s], tokens.shape[0]) if s in pixels else None
-            res = score_sequences(
-                job.bm,
-                topo,
-                tokens,
-                cfg.opd.top_k,
-                cfg.model.vocab_size,
-                cfg.parallel.micro_batch_size,
-                cfg.rollout.logprob_chunk,
-                dev,
-                _vlm(job, media),
-            )
-            if res is not None:
-                mine[s] = res  # fmt: skip
-    expected = {t: tuple(r.tokens.shape) for t, r in peer_rolls.items()}
-    with job.timed("exchange"):
-        return return_scores(topo, mine, expected, cfg.opd.top_k, dev)
-
-
-def _placeholder(r: Rollouts) -> tuple[torch.Tensor, None]:
-    """Teacher scores on ranks that do not compute the loss (not the last PP stage): zero
-    log-probs and no top-k."""
-    return torch.zeros(r.tokens.shape, device=r.tokens.device), None
-
-
-def update(job: BranchJob, rows: Rows, loss_fn, media: RowMedia | None = None):
+def update(job: BranchJob, rows: Rows, loss_fn):
     """Optimizer step(s) on the combined GRPO + OPD rows.
 
     Returns (the last update's summed loss/edge telemetry ``[metric_width]`` on the device,
     this rank's share; {"grad_norm", "skipped_step"} host floats). With
     ``grpo.updates_per_batch`` > 1 the old-policy log-probs are computed once, before the first
     update; with ``grpo.kl_coef`` > 0 the frozen reference model scores the rows too.
-    ``media``: the rows' media (``vision.enabled``), attached to every microbatch.
     """
     topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
     extra = {}
     if cfg.grpo.updates_per_batch > 1:
-        extra["old_logp"] = _row_logprobs(job, job.bm, rows, media)
+        extra["old_logp"] = _row_logprobs(job, job.bm, rows)
     if job.ref is not None:
-        extra["ref_logp"] = _row_logprobs(job, job.ref, rows, media)
+        extra["ref_logp"] = _row_logprobs(job, job.ref, rows)
     vec, stats = torch.zeros(metric_width(len(job.edges)), device=dev), {}
     for _ in range(cfg.grpo.updates_per_batch):
         mbs = microbatches(rows, cfg.parallel.micro_batch_size, dev, extra)
-        if media is not None:
-            mbs = _media_spec(job).attach(mbs, media, cfg.parallel.micro_batch_size)
         out = run_microbatches(job.bm, topo, mbs, loss_fn)
         vec = sum(
             (o["metrics"] for o in out), torch.zeros(metric_width(len(job.edges)), device=dev)
@@ -344,22 +208,12 @@ def update(job: BranchJob, rows: Rows, loss_fn, media: RowMedia | None = None):
     return vec, {"grad_norm": stats["grad_norm"], "skipped_step": stats["skipped"]}
 
 
-def _row_logprobs(job: BranchJob, bm, rows: Rows, media: RowMedia | None) -> torch.Tensor:
+def _row_logprobs(job: BranchJob, bm, rows: Rows) -> torch.Tensor:
     """Token-aligned log-probs ``[N, L]`` of the rows under ``bm`` (zeros off the last stage),
     on the device."""
     cfg = job.cfg
-    res = score_sequences(
-        bm,
-        job.rt.topo,
-        rows.tokens,
-        0,  # log-probs only
-        cfg.model.vocab_size,
-        cfg.parallel.micro_batch_size,
-        cfg.rollout.logprob_chunk,
-        job.rt.device,
-        _vlm(job, media),
-    )
-    return res[0] if res is not None else torch.zeros(rows.tokens.shape, device=job.rt.device)
+    return row_logprobs(bm, job.rt.topo, rows, cfg.model.vocab_size,
+                        cfg.parallel.micro_batch_size, cfg.rollout.logprob_chunk, job.rt.device)  # fmt: skip
 
 
 def merge_branches(job: BranchJob) -> None:
