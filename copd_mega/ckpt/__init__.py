@@ -1,0 +1,2 @@
+"""Checkpoints: distributed step and model checkpoints, the offline reader/writer and merge, RNG
+state."""

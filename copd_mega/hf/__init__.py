@@ -1,0 +1,2 @@
+"""Hugging Face conversion: config.json families, tensor mappings, export, import, LLaVA,
+init_from_hf."""

@@ -1,0 +1,1 @@
+"""Metrics (JSONL, wandb), the rich progress display, plots and scaling tables."""

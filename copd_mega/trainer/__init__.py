@@ -1,0 +1,2 @@
+"""The loops: CoPD training (one step: rollouts -> rewards -> teaching -> update), pretraining,
+evaluation."""
