@@ -68,7 +68,7 @@ def best_of(repeats: int, fn, cleanup) -> float:
 
 
 def main() -> None:
-    from copd_mega.ckpt.offline import merge_checkpoints
+    from copd_mega.ckpt.offline_merge import merge_checkpoints
     from copd_mega.hf.export import export_hf
     from copd_mega.hf.importer import import_hf
 

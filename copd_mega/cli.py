@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("copd_mega.trainer.evaluate", "greedy pass@1 per capability for checkpoints"),
     "demo": ("copd_mega.demo", "the embedded default job: data, base, CoPD, merge, eval, plots"),
     "report": ("copd_mega.report.plots", "plots and tables from run directories"),
-    "merge": ("copd_mega.ckpt.offline", "average checkpoints tensor by tensor"),
+    "merge": ("copd_mega.ckpt.offline_merge", "average checkpoints tensor by tensor"),
     "export-hf": ("copd_mega.hf.export", "write a checkpoint as a Hugging Face model"),
     "import-hf": ("copd_mega.hf.importer", "read a Hugging Face model into a checkpoint"),
     "data": ("copd_mega.data.cli", "pack shards or synthesise built-in capabilities"),

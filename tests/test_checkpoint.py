@@ -147,7 +147,8 @@ def test_save_step_load_latest(tmp_path, layout, broken, lost):
         assert r["fallback_weights"]
     if layout == [TWO_BRANCHES]:
         assert res[0]["checksum"] != res[1]["checksum"]  # each branch got its own weights back
-        from copd_mega.ckpt.offline import CheckpointReader, merge_checkpoints
+        from copd_mega.ckpt.offline import CheckpointReader
+        from copd_mega.ckpt.offline_merge import merge_checkpoints
 
         key = "decoder.final_layernorm.weight"
         for rank, name in enumerate("ab"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from copd_mega.ckpt.checkpoint import CheckpointError
-from copd_mega.ckpt.offline import CheckpointReader, main, merge_checkpoints, write_checkpoint
+from copd_mega.ckpt.offline import CheckpointReader, write_checkpoint
+from copd_mega.ckpt.offline_merge import main, merge_checkpoints
 from copd_mega.config import Config
 from copd_mega.hf.mapping import megatron_specs
 from copd_mega.models.gpt import padded_vocab_size
