@@ -70,7 +70,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    return written
+    from copd_mega.telemetry_plots import plot_telemetry
+
+    return written + plot_telemetry(data, out_dir)
 
 
 def main(argv: list[str]) -> int:
