@@ -28,6 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("copd_mega.trainer.evaluate", "greedy pass@1 per capability for checkpoints"),
     "demo": ("copd_mega.demo", "the embedded default job: data, base, CoPD, merge, eval, plots"),
+    "study": (
+        "copd_mega.study.run",
+        "every mode x seeds from one base: report.md with table, plots",
+    ),
+    "overlap": (
+        "copd_mega.trainer.overlap",
+        "top-k overlap and delta of two checkpoints on rollouts",
+    ),
     "report": ("copd_mega.report.plots", "plots and tables from run directories"),
     "merge": ("copd_mega.ckpt.offline_merge", "average checkpoints tensor by tensor"),
     "export-hf": ("copd_mega.hf.export", "write a checkpoint as a Hugging Face model"),

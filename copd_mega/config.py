@@ -9,6 +9,7 @@ Checks that need the world size (branches x TP x PP x DP) live in ``parallel.top
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,18 @@ class DebugConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Telemetry during training (no gradient, no effect on the weights; 0 = off)."""
+
+    every: int = 0  # steps between held-out evaluations of each branch (and the merged branches)
+    limit: int = 128  # held-out samples per capability in those evaluations
+    overlap_every: int = 0  # steps between cross-branch top-k overlap/delta probes
+    overlap_prompts: int = 16  # held-out prompts of the teacher's data per probe (across DP)
+    overlap_samples: int = 2  # student rollouts per probe prompt
+    base: bool = True  # evaluate the starting model at a fresh start (the table's base row)
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "copd-mega"
@@ -241,6 +254,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -254,6 +268,11 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- YAML
+
+
+def default_config_path() -> Path:
+    """The embedded demo config shipped inside the package (``copd demo``, ``copd study``)."""
+    return Path(str(resources.files("copd_mega") / "demo.yaml"))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -329,6 +348,11 @@ def _validate_numbers(cfg: Config) -> None:
         ("rewards.timeout_s", cfg.rewards.timeout_s > 0, "must be > 0"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 0, "must be >= 0 (0 = keep all)"),
+        ("eval.every", cfg.eval.every >= 0, "must be >= 0 (0 = off)"),
+        ("eval.limit", cfg.eval.limit >= 1, "must be >= 1"),
+        ("eval.overlap_every", cfg.eval.overlap_every >= 0, "must be >= 0 (0 = off)"),
+        ("eval.overlap_prompts", cfg.eval.overlap_prompts >= 1, "must be >= 1"),
+        ("eval.overlap_samples", cfg.eval.overlap_samples >= 1, "must be >= 1"),
     ]
     checks += [(f"branches.{i}.beta", b.beta >= 0, "must be >= 0")
                for i, b in enumerate(cfg.branches)]  # fmt: skip

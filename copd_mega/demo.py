@@ -5,7 +5,10 @@
 3. run CoPD with 2 branches on two different capabilities (``copd train`` under torchrun,
    one process per branch), merge them, evaluate base / each branch / merged on each
    capability and print the table;
-4. draw the plots (``copd report``) into ``RUN/plots``.
+4. run the experts for the same steps from the same base (``RUN/expert``, ``schedule.mode=
+   expert``), merge and evaluate them;
+5. draw the plots (``copd report``) into ``RUN/plots`` and print CoPD against the experts
+   (``copd_mega.study.demo_table``); ``copd study`` gives every mode over seeds.
 Each stage is a subprocess with its own process group; a stage that already finished (its
 output exists) is skipped, so a re-run continues where an interrupted one stopped.
 """
@@ -17,16 +20,17 @@ import os
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-from copd_mega.config import ConfigError, load_config, save_config
+from copd_mega.config import ConfigError, default_config_path, load_config, save_config
 from copd_mega.parallel.dist import free_port
-
-
-def default_config_path() -> Path:
-    """The embedded demo config shipped inside the package."""
-    return Path(str(resources.files("copd_mega") / "demo.yaml"))
+from copd_mega.study.demo_table import (
+    STUDY_HINT,
+    comparison_rows,
+    expert_overrides,
+    format_comparison,
+)
+from copd_mega.trainer.job import eval_caps
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -64,7 +68,16 @@ def main(argv: list[str]) -> int:
     resume = ["--resume"] if (run / "checkpoints" / "latest").exists() else []
     _run([*torchrun, "train", "--config", str(config), *resume,
           f"checkpoint.init_from={base}"], f"CoPD, {len(cfg.branches)} branches")  # fmt: skip
+    if len(cfg.branches) > 1:
+        _run([*torchrun, "train", "--config", str(config), "--resume=auto",
+              f"checkpoint.init_from={base}", *expert_overrides(run)],
+             f"experts, {len(cfg.branches)} branches, the same steps")  # fmt: skip
     _run([py, "-m", "copd_mega.cli", "report", str(run)], "plots")
     print(f"\ncopd demo finished in {time.monotonic() - t0:.0f}s; run directory {run}")
-    print(f"  evaluation table: {run / 'eval.json'}; plots: {run / 'plots'}")
+    if len(cfg.branches) > 1:
+        print("\nheld-out greedy accuracy (%), CoPD against experts trained for the same steps\n"
+              + format_comparison(comparison_rows(cfg, run), eval_caps(cfg)))  # fmt: skip
+        print(f"\n{STUDY_HINT}")
+    print(f"  evaluation tables: {run / 'eval.json'}, {run / 'expert' / 'eval.json'}; plots: "
+          f"{run / 'plots'}")  # fmt: skip
     return 0

@@ -3,7 +3,9 @@
 Text: `arith` (multi-digit addition, reward "math"), `reverse` (reverse a lowercase string) and
 `sort` (sort its letters), both reward "exact". Media: `image` (count shapes drawn on a small
 RGB canvas, reward "exact") and `video` (which way a square moves across the frames of an mp4,
-reward "choice").
+reward "choice"). Pairs whose rules conflict (`sort_up`/`sort_down`, `image_squares`/
+`image_discs`, `video_to`/`video_from`) come from `data/interference.py` and are registered here;
+the two members of a pair share one split family, so they hold out the same keys.
 
 Determinism and held-out data: sample `index` of `(capability, split, seed)` is drawn from a
 `random.Random` seeded with that tuple (string seeds hash with SHA-512, so the result does not
@@ -27,10 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from copd_mega.data import interference
 from copd_mega.data.media import encode_mp4
 
-TEXT_CAPABILITIES: tuple[str, ...] = ("arith", "reverse", "sort")
-MEDIA_CAPABILITIES: tuple[str, ...] = ("image", "video")
+TEXT_CAPABILITIES: tuple[str, ...] = ("arith", "reverse", "sort", *interference.TEXT_CAPABILITIES)
+MEDIA_CAPABILITIES: tuple[str, ...] = ("image", "video", *interference.MEDIA_CAPABILITIES)
 CAPABILITIES: tuple[str, ...] = TEXT_CAPABILITIES + MEDIA_CAPABILITIES
 SPLITS: tuple[str, ...] = ("train", "eval")
 EVAL_BUCKETS = 8  # one problem key in EVAL_BUCKETS is held out for eval
@@ -90,7 +93,8 @@ def split_of(capability: str, problem_key: str) -> str:
     Returns:
         "eval" for one key hash in `EVAL_BUCKETS`, else "train".
     """
-    digest = hashlib.blake2b(f"{capability}|{problem_key}".encode(), digest_size=8).digest()
+    family = interference.SPLIT_FAMILY.get(capability, capability)  # pairs share held-out keys
+    digest = hashlib.blake2b(f"{family}|{problem_key}".encode(), digest_size=8).digest()
     return "eval" if int.from_bytes(digest, "little") % EVAL_BUCKETS == 0 else "train"
 
 
@@ -181,6 +185,7 @@ _MAKERS: dict[str, tuple[Callable[[random.Random, SynthOptions], Problem], str]]
     "sort": (_sort, "exact"),
     "image": (_image, "exact"),
     "video": (_video, "choice"),
+    **interference.MAKERS,  # pairs with opposite rules behind a small cue (data/interference.py)
 }
 
 
@@ -271,4 +276,6 @@ def problem_key(sample: dict) -> str:
         return body.removeprefix("Q: reverse ")
     if cap == "sort":
         return sample["answer"]
+    if cap in interference.TEXT_CAPABILITIES:
+        return interference.text_key(sample)
     raise ValueError(f"problem_key covers text capabilities only, got {cap!r}")

@@ -9,7 +9,8 @@ the package (at module level or inside a function) is an edge. Layers, bottom fi
   models, ckpt                model builders and forward/step; checkpoints
   rl, hf                      rollout, rewards, losses, objective, schedule; HF conversion
   launch                      job set-up: data, validation, memory plan, runtime
-  trainer                     the loops: pretrain, train, evaluate
+  trainer                     the loops: pretrain, train, evaluate; telemetry after a step
+  study                       ``copd study``: runs of every mode, the report; the demo's table
   cli, demo                   commands
 
 A module imports only modules of its own package or of a lower layer, the graph has no cycle,
@@ -32,6 +33,7 @@ LAYERS = [
     ["copd_mega.rl", "copd_mega.hf"],
     ["copd_mega.launch"],
     ["copd_mega.trainer"],
+    ["copd_mega.study"],
     ["copd_mega.cli", "copd_mega.demo"],
 ]
 LAZY_IMPORTS_ALLOWED = {"copd_mega.cli"}

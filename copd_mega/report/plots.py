@@ -11,6 +11,7 @@ from pathlib import Path
 
 from copd_mega.report.metrics import read_metrics
 from copd_mega.report.scaling import main as scaling_main
+from copd_mega.report.telemetry import plot_telemetry
 
 PANELS = [
     ("reward", "mean reward (native batch)"),
@@ -71,7 +72,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    return written
+    return written + plot_telemetry(data, out_dir)
 
 
 def main(argv: list[str]) -> int:

@@ -188,7 +188,14 @@ def resume(job: BranchJob) -> bool:
     job.state.load_state_dict(saved["schedule"])
     job.native.load_state_dict(saved["native"])
     for t, reader in job.peers.items():
-        reader.load_state_dict(saved["peers"][t])
+        if t in saved["peers"]:
+            reader.load_state_dict(saved["peers"][t])
+        elif any((job.name, t) in p.edges for p in job.plan[: job.state.next_step]):
+            raise CheckpointError(f"{job.cfg.run_dir}/checkpoints holds no data cursor for "
+                                  f"teacher {t!r} that steps before it used; resume with the "
+                                  "schedule it was saved with")  # fmt: skip
+        # else: the checkpoint's steps never read that stream (a static_opd/mopd job resumed
+        # from its experts' stage): it starts at the beginning, as in an uninterrupted job
     job.logger.cut_back(job.state.next_step)
     return True
 

@@ -30,7 +30,7 @@ def rollout_native(job: BranchJob, step: int) -> tuple[list[dict], Rollouts]:
     per_rank = max(cfg.rollout.prompts_per_step // job.rt.topo.layout.dp, 1)
     samples = job.native.next_batch(per_rank)
     seed = branch_seed(cfg, job.rt.topo.branch.index) * 7919 + step
-    return samples, _generate(job, samples, cfg.grpo.group_size, seed)
+    return samples, generate_rollouts(job, samples, cfg.grpo.group_size, seed)
 
 
 def rollout_peer(job: BranchJob, teacher: str, step: int) -> Rollouts:
@@ -40,11 +40,12 @@ def rollout_peer(job: BranchJob, teacher: str, step: int) -> Rollouts:
     samples = job.peers[teacher].next_batch(per_rank)
     seed = branch_seed(job.cfg, job.rt.topo.branch.index) * 7919 + 104729 * (1 + step)
     seed += job.cfg.branch_names.index(teacher)
-    return _generate(job, samples, o.samples_per_prompt, seed)
+    return generate_rollouts(job, samples, o.samples_per_prompt, seed)
 
 
-def _generate(job: BranchJob, samples: list[dict], repeat: int, seed: int) -> Rollouts:
-    """Rollouts of ``samples`` (each ``repeat`` times) that own their media (vision.enabled)."""
+def generate_rollouts(job, samples: list[dict], repeat: int, seed: int) -> Rollouts:
+    """Rollouts of ``samples`` (each ``repeat`` times) that own their media (vision.enabled).
+    ``job``: anything with ``cfg``, ``rt`` and ``sampler`` (a ``BranchJob``, a probe's view)."""
     vision = job.cfg.vision.enabled
     prompts, media = prompts_and_media(job.rt.codec, samples, repeat, vision)
     check_prompts(job.cfg, prompts, media, job.rt.codec.image)

@@ -40,6 +40,7 @@ from copd_mega.trainer.job import (
     trainer_state,
     write_eval,
 )  # fmt: skip
+from copd_mega.trainer.periodic_eval import after_step
 from copd_mega.trainer.preemption import Preemption
 from copd_mega.trainer.rollouts import REWARD_KEYS, reward_and_advantages, rollout_native
 from copd_mega.trainer.teaching import opd_step_rows
@@ -62,6 +63,7 @@ def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
             job.timings = {}
             t0 = time.perf_counter()
             record = cycle_step(job, plan, loss_fn)
+            record.update(after_step(job, plan))  # telemetry only: weights stay as they are
             job.state.advance()
             if plan.end_of_cycle and cfg.schedule.merge_every_cycle and len(cfg.branches) > 1:
                 with job.timed("merge"):
@@ -109,6 +111,8 @@ def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
              f"{len(job.plan)}")  # fmt: skip
         return json.loads(base_file.read_text()) if base_file.exists() else {}
     job.logger.cut_back(0)
+    if not cfg.eval.base:
+        return {}
     table = evaluate_shared_model(job, "base")
     if dist.get_rank() == 0:
         write_text_atomic(base_file, json.dumps(table, indent=2))

@@ -1,0 +1,153 @@
+"""The report of ``copd study``: ``STUDY/report.md``, ``STUDY/summary.json``, ``STUDY/plots``.
+
+Every accuracy in the table is read from a run's ``eval.json`` (the held-out greedy pass@1 its
+``copd train`` wrote at the end, on ``data.n_eval`` problems per capability); ``summary.json``
+names the file and row of each number. Mean and sample standard deviation (n - 1) over seeds,
+in percent; a row's ``mean`` is the mean over the capabilities, per seed, then over seeds.
+Curves come from the runs' metrics (``eval/...`` and ``probe/overlap``, :mod:`periodic_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from copd_mega.ckpt.checkpoint import write_text_atomic
+from copd_mega.config import Config
+from copd_mega.launch.datasets import capabilities_of
+from copd_mega.study.plots import caps_of, plot_curves
+
+
+def row_specs(cfg: Config, runs) -> list[tuple[str, str, str, list[str] | None]]:
+    """(table row, run label, eval.json row, capabilities shown or None for all), in order."""
+
+    labels = {r.label for r in runs}
+    specs = []
+    if "expert" in labels:
+        for b in cfg.branches:
+            specs.append((f"expert {b.name}, own domain", "expert", f"branch {b.name}",
+                          capabilities_of(b.data)))  # fmt: skip
+        specs.append(("experts, merged", "expert", "merged", None))
+    if "mixed" in labels:
+        specs.append(("mixed (one policy, union data)", "mixed", "final (mixed)", None))
+    for mode, name in (("static_opd", "static OPD"), ("mopd", "MOPD")):
+        for b in cfg.branch_names:
+            if f"{mode}-{b}" in labels:
+                specs.append((f"{name}, student {b}", f"{mode}-{b}", f"final ({b})", None))
+    if "copd" in labels:
+        for b in cfg.branch_names:
+            specs.append((f"CoPD branch {b} (not merged)", "copd", f"branch {b}", None))
+        specs.append(("CoPD merged", "copd", "merged", None))
+    return specs
+
+
+def _source(run) -> Path:
+    """The run directory holding ``run``'s results (the shared run's for ``same_as``)."""
+    return run.path.parent.parent / run.same_as / run.path.name if run.same_as else run.path
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def collect(out: Path, cfg: Config, runs) -> dict:
+    """Every table number per seed, read from the runs' eval.json files."""
+    caps = caps_of(cfg)
+    by = {(r.label, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    rows: dict = {}
+    first = next(r for r in runs if not r.same_as)
+    base_file = first.path / "eval.json"
+    base = json.loads(base_file.read_text()).get("base") if base_file.exists() else None
+    if base:
+        src = str(base_file.relative_to(out))
+        rows["base"] = {"per_seed": {"-": {**base, "mean": statistics.fmean(base[c] for c in caps)}},
+                        "source": {"-": f"{src}: base"}}  # fmt: skip
+    for name, label, key, shown in row_specs(cfg, runs):
+        per_seed, source = {}, {}
+        for s in seeds:
+            f = _source(by[(label, s)]) / "eval.json"
+            accs = json.loads(f.read_text())[key]
+            vals = {c: accs[c] for c in (shown or caps)}
+            if shown is None:
+                vals["mean"] = statistics.fmean(accs[c] for c in caps)
+            per_seed[str(s)], source[str(s)] = vals, f"{f.relative_to(out)}: {key}"
+        rows[name] = {"per_seed": per_seed, "source": source}
+    for row in rows.values():
+        cols = next(iter(row["per_seed"].values())).keys()
+        stats = {c: _mean_std([v[c] for v in row["per_seed"].values()]) for c in cols}
+        row["mean"] = {c: m for c, (m, _) in stats.items()}
+        row["std"] = {c: sd for c, (_, sd) in stats.items()}
+    return {"capabilities": caps, "seeds": seeds, "rows": rows}
+
+
+def wall_times(out: Path, runs) -> dict:
+    """Seconds per mode: mean over seeds of the sum of the mode's runs (``study_time.json``)."""
+    per: dict[str, dict[int, float]] = {}
+    notes: dict[str, str] = {}
+    for r in runs:
+        mode = r.mode
+        if r.same_as:
+            notes[mode] = f"the same runs as {r.same_as.split('-')[0]} (identical plan)"
+            continue
+        t = r.path / "study_time.json"
+        secs = json.loads(t.read_text())["total"] if t.exists() else 0.0
+        per.setdefault(mode, {}).setdefault(r.seed, 0.0)
+        per[mode][r.seed] += secs
+        if (r.path / "stage1_from.json").exists():
+            notes[mode] = "stage 1 reused from the expert run (its time is counted there)"
+    out_t = {m: {"per_seed": v, "mean_s": statistics.fmean(v.values())} for m, v in per.items()}
+    base = out / "base" / "study_time.json"
+    if base.exists():
+        out_t["base pretraining"] = {"mean_s": json.loads(base.read_text())["total"]}
+    return {"modes": out_t, "notes": notes}
+
+
+def _cell(row: dict, c: str) -> str:
+    if c not in row["mean"]:
+        return "-"
+    m, sd = row["mean"][c], row["std"][c]
+    return f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def markdown(data: dict, times: dict, plots: list[str], shared: int) -> str:
+    caps = data["capabilities"]
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    lines = [
+        "# copd study", "",
+        f"Held-out greedy pass@1 (%), mean ± sample std over seeds {seeds}; each number is read "
+        "from a run's `eval.json` (`summary.json` names the file and row of each).", "",
+        "| model | " + " | ".join(caps) + " | mean |",
+        "|---|" + "---|" * (len(caps) + 1),
+    ]  # fmt: skip
+    for name, row in data["rows"].items():
+        bold = f"**{name}**" if name == "CoPD merged" else name
+        lines.append(f"| {bold} | " + " | ".join(_cell(row, c) for c in [*caps, "mean"]) + " |")
+    lines += ["", "## Wall time", "", "| mode | seconds per seed (mean) | note |", "|---|---|---|"]
+    for mode, t in times["modes"].items():
+        lines.append(f"| {mode} | {t['mean_s']:.0f} | {times['notes'].get(mode, '')} |")
+    for mode, note in times["notes"].items():
+        if mode not in times["modes"]:
+            lines.append(f"| {mode} | - | {note} |")
+    if shared:
+        lines += ["", f"static_opd/mopd stage 1 = the expert run's first {shared} steps (the same "
+                  "steps: resumed from a copy of its checkpoint)."]  # fmt: skip
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "`probe/overlap`: mean top-k overlap between the branches on on-policy rollouts "
+              "(held-out prompts, no gradient); a one-branch mode (mixed) has none."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, cfg: Config, runs, shared: int) -> Path:
+    """Write summary.json, the plots and report.md (each beside, then swapped in)."""
+
+    data = collect(out, cfg, runs)
+    times = wall_times(out, runs)
+    plots = plot_curves(out, cfg, runs)
+    write_text_atomic(out / "summary.json", json.dumps({**data, "wall_time": times}, indent=2))
+    report = out / "report.md"
+    write_text_atomic(report, markdown(data, times, [str(p.relative_to(out)) for p in plots],
+                                       shared))  # fmt: skip
+    return report

@@ -1,0 +1,86 @@
+"""The interfering capability pairs: opposite rules on one prompt surface, a shared held-out
+split, and media variants built on the unchanged image/video renderers."""
+
+import random
+
+import numpy as np
+import pytest
+
+from copd_mega.data.interference import MAKERS, OPPOSITE, SPLIT_FAMILY
+from copd_mega.data.shards import encode_sample
+from copd_mega.data.synthetic import (
+    SynthOptions,
+    _image,
+    _video,
+    longest_prompt,
+    make_sample,
+    make_samples,
+    problem_key,
+    split_of,
+)
+
+PAIRS = [("sort_up", "sort_down"), ("image_squares", "image_discs"), ("video_to", "video_from")]
+
+
+def _draw(capability: str, seed: int):
+    return MAKERS[capability][0](random.Random(seed), SynthOptions())
+
+
+def test_sort_pair_is_one_input_with_opposite_answers_behind_one_cue():
+    for seed in range(50):
+        up, down = _draw("sort_up", seed), _draw("sort_down", seed)
+        word = up.prompt.removeprefix("Q: sort ").split(" ")[0]
+        assert up.answer == "".join(sorted(word)) and down.answer == up.answer[::-1]
+        # the prompts differ in the cue character alone
+        assert [
+            i for i, (a, b) in enumerate(zip(up.prompt, down.prompt, strict=True)) if a != b
+        ] == [len(up.prompt) - 4]
+        assert up.key == down.key
+
+
+def test_image_pair_counts_the_two_kinds_of_the_same_canvas():
+    for seed in range(30):
+        squares, discs = _draw("image_squares", seed), _draw("image_discs", seed)
+        whole = _image(random.Random(seed), SynthOptions())
+        assert int(squares.answer) + int(discs.answer) == int(whole.answer)
+        assert int(squares.answer) == whole.key.count("square")
+        same = [np.asarray(p.render()["images"][0]) for p in (squares, discs, whole)]
+        assert (same[0] == same[2]).all() and (same[1] == same[2]).all()
+        assert squares.prompt != discs.prompt
+
+
+def test_video_pair_answers_opposite_directions_of_the_same_clip():
+    seen = set()
+    for seed in range(30):
+        to, source = _draw("video_to", seed), _draw("video_from", seed)
+        clip = _video(random.Random(seed), SynthOptions())
+        assert to.answer == clip.answer and source.answer == OPPOSITE[clip.answer]
+        assert to.key == source.key == clip.key
+        seen.add(source.answer)
+    assert seen == set(OPPOSITE)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_pair_shares_its_held_out_keys(pair):
+    a, b = pair
+    assert SPLIT_FAMILY[a] == SPLIT_FAMILY[b]
+    for seed in range(200):
+        key = _draw(a, seed).key
+        assert split_of(a, key) == split_of(b, key)
+
+
+def test_held_out_sort_inputs_are_never_trained_under_either_rule():
+    options = SynthOptions(min_len=2, max_len=3)
+    train = {problem_key(s) for c in ("sort_up", "sort_down")
+             for s in make_samples(c, "train", 0, 400, options)}  # fmt: skip
+    evals = {problem_key(s) for c in ("sort_up", "sort_down")
+             for s in make_samples(c, "eval", 3, 100, options)}  # fmt: skip
+    assert train and evals and not train & evals
+
+
+@pytest.mark.parametrize("capability", sorted(MAKERS))
+def test_samples_are_deterministic_and_bounded_by_the_longest_prompt(capability):
+    a = make_sample(capability, "eval", 4, 9)
+    assert encode_sample(a) == encode_sample(make_sample(capability, "eval", 4, 9))
+    assert a["capability"] == capability and a["reward_type"] == MAKERS[capability][1]
+    assert len(a["prompt"]) <= len(longest_prompt(capability))

@@ -1,0 +1,126 @@
+"""`copd study` end to end at a tiny size: shared base, runs per mode and seed, report, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from lost_cases import TINY, TWO, copd, write_config
+
+pytestmark = pytest.mark.multiproc
+
+SMALL = [*TINY, TWO, "schedule.cycles=2", "schedule.rl_steps=1", "schedule.opd_steps=1",
+         "data.n_eval=8", "pretrain.steps=4", "pretrain.eval_every=0", "pretrain.eval_limit=4",
+         "eval.limit=4", "eval.overlap_prompts=2", "eval.every=2", "eval.overlap_every=2"]  # fmt: skip
+
+
+def _study(tmp_path: Path, out: Path, modes: str, seeds: str, timeout: float = 600):
+    cfg = write_config(tmp_path / "c.yaml", SMALL)
+    res = copd("study", "--config", str(cfg), "--modes", modes, "--seeds", seeds,
+               "--out", str(out), timeout=timeout)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+def _cell(values: list[float]) -> str:
+    m = statistics.fmean(values)
+    return f"{100 * m:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _check_table(out: Path, report: str) -> None:
+    """Every checked row of report.md and summary.json is what the runs' eval.json files say."""
+    evals = {(m, s): json.loads((out / "runs" / m / f"seed{s}" / "eval.json").read_text())
+             for m in ("copd", "expert") for s in (1, 2)}  # fmt: skip
+    caps = ["arith", "reverse"]
+    expect = {
+        "CoPD merged": [evals[("copd", s)]["merged"] for s in (1, 2)],
+        "experts, merged": [evals[("expert", s)]["merged"] for s in (1, 2)],
+        "CoPD branch arith (not merged)": [evals[("copd", s)]["branch arith"] for s in (1, 2)],
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    for name, rows in expect.items():
+        means = [statistics.fmean(r[c] for c in caps) for r in rows]
+        cells = [_cell([r[c] for r in rows]) for c in caps] + [_cell(means)]
+        assert f"| {name} | " + " | ".join(cells) + " |" in report.replace("**", ""), name
+        assert summary["rows"][name]["mean"]["mean"] == pytest.approx(statistics.fmean(means))
+    own = [evals[("expert", s)]["branch reverse"]["reverse"] for s in (1, 2)]
+    assert f"| expert reverse, own domain | - | {_cell(own)} | - |" in report
+
+
+def test_study_two_modes_two_seeds_writes_the_report_from_the_runs(tmp_path):
+    out = tmp_path / "study"
+    _study(tmp_path, out, "copd,expert", "1,2")
+    report = (out / "report.md").read_text()
+    for png in ("accuracy.png", "overlap.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}" in report
+    # one shared base, evaluated once (the first run); every run started from it
+    assert (out / "base" / "base" / "config.yaml").exists()
+    evals = list((out / "runs").glob("*/seed*/eval.json"))
+    assert len(evals) == 4 and sum("base" in json.loads(f.read_text()) for f in evals) == 1
+    _check_table(out, report)
+    assert "| copd |" in report and "| expert |" in report  # wall time per mode
+    # curves: the copd run logged probes and merged evaluations every 2 steps
+    path = out / "runs/copd/seed1/metrics/arith.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "probe/overlap" in r] == [1, 3]
+    assert [r["step"] for r in rows if "eval/merged/mean" in r] == [1, 3]
+    # A second call finds every run finished (skipped) and rewrites the report from the eval
+    # files: given distinct numbers there, the table shows exactly those.
+    for i, f in enumerate(sorted(evals)):
+        table = json.loads(f.read_text())
+        for j, row in enumerate(table.values()):
+            for k, cap in enumerate(sorted(row)):
+                row[cap] = (1 + i + 7 * j + 31 * k) / 1000
+        f.write_text(json.dumps(table))
+    again = _study(tmp_path, out, "copd,expert", "1,2", timeout=120)
+    assert again.stdout.count("finished before: skipped") == 4
+    _check_table(out, (out / "report.md").read_text())
+    assert (out / "report.md").read_text() != report
+
+
+def test_study_names_bad_input_in_one_line(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", SMALL)
+    cases = [(["--modes", "copd,bogus"], "--modes"), (["--seeds", "1,x"], "--seeds"),
+             (["--modes", "copd", "branches=[{name: a, data: arith}]"], "branches")]  # fmt: skip
+    for extra, needle in cases:
+        res = copd("study", "--config", str(cfg), "--out", str(tmp_path / "s"), *extra)
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], res.stderr
+
+
+@pytest.mark.slow
+def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch(tmp_path):
+    """static_opd reuses the expert run's first cycles * rl_steps steps; the result is the
+    static_opd run trained from the base on its own, bit for bit. mopd (2 branches) is the
+    static_opd run."""
+    from lost_cases import metrics_rows, model_tensors
+    from study_cases import train_from_file
+
+    from multiproc import spawn
+
+    out = tmp_path / "study"
+    res = _study(tmp_path, out, "expert,static_opd,mopd", "1")
+    assert res.stdout.count("same run as static_opd") == 2
+    reused = out / "runs" / "static_opd-arith" / "seed1"
+    assert json.loads((reused / "stage1_from.json").read_text())["steps"] == 2
+    scratch = tmp_path / "scratch"
+    spawn(train_from_file, 2, str(reused / "final" / "model" / "config.yaml"),
+          [f"run_dir={scratch}"])  # fmt: skip
+    a, b = model_tensors(reused / "final" / "model"), model_tensors(scratch / "final" / "model")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((reused / "eval.json").read_text()) == json.loads(
+        (scratch / "eval.json").read_text()
+    )
+    ra, rb = metrics_rows(reused), metrics_rows(scratch)
+    assert sorted(ra) == sorted(rb)
+    for key in ra:
+        for k in ("loss", "reward", "grad_norm", "probe/overlap", "eval/mean"):
+            assert ra[key].get(k) == rb[key].get(k), (key, k)
+    report = (out / "report.md").read_text()
+    assert "| MOPD, student arith |" in report and "| static OPD, student arith |" in report
