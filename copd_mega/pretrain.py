@@ -72,6 +72,26 @@ def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
     return out
 
 
+class CapabilityMix:
+    """Training batches for ``pretrain.capability_target``: one reader per capability, each
+    batch split evenly over the capabilities still below the target (all of them at first)."""
+
+    def __init__(self, cfg: Config, caps: list[str], dp_rank: int, dp_size: int) -> None:
+        self.readers = {c: make_reader(cfg, c, "train", dp_rank, dp_size) for c in caps}
+        self.active = list(caps)
+
+    def next_batch(self, n: int) -> list[dict]:
+        k, out = len(self.active), []
+        for i, cap in enumerate(self.active):
+            out += self.readers[cap].next_batch(n // k + (i < n % k))
+        return out
+
+    def update(self, accs: dict[str, float], target: float) -> bool:
+        """Keep training the capabilities below ``target``; True when none is left."""
+        self.active = [c for c in self.readers if accs[c] < target]
+        return not self.active
+
+
 def nll_loss_fn(rt: Runtime):
     cfg = rt.cfg
 
@@ -103,7 +123,10 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     )  # fmt: skip
     sampler = make_sampler(bm.model, topo, pcfg, rt.codec)
     judge = Judge.from_config(topo, rt.device, cfg.rewards)
-    reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
+    if p.capability_target:
+        reader = CapabilityMix(pcfg, caps, topo.dp_rank, topo.layout.dp)
+    else:
+        reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
     per_rank = max(p.batch_size // topo.layout.dp, 1)
     loss_fn, t0 = nll_loss_fn(rt), time.monotonic()
     for step in range(p.steps):
@@ -129,6 +152,9 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
             )
             if p.target_accuracy and mean >= p.target_accuracy:
                 rt.log(f"pretrain reached target accuracy {p.target_accuracy:.2f}; stopping")
+                break
+            if p.capability_target and reader.update(accs, p.capability_target):
+                rt.log(f"pretrain: every capability reached {p.capability_target:.2f}; stopping")
                 break
     save_model(out_dir, bm, topo, pcfg, tokenizer=rt.codec.path)
     rt.log(f"base model saved to {out_dir}")
