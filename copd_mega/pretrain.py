@@ -73,23 +73,29 @@ def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
 
 
 class CapabilityMix:
-    """Training batches for ``pretrain.capability_target``: one reader per capability, each
-    batch split evenly over the capabilities still below the target (all of them at first)."""
+    """Training batches for ``pretrain.capability_target``: one reader per capability; a
+    capability below the target gets ``REHEARSE`` times the rows of one at or above it, which
+    stays in the mix so that it is not forgotten (all start below)."""
+
+    REHEARSE = 3
 
     def __init__(self, cfg: Config, caps: list[str], dp_rank: int, dp_size: int) -> None:
         self.readers = {c: make_reader(cfg, c, "train", dp_rank, dp_size) for c in caps}
-        self.active = list(caps)
+        self.below = set(caps)
 
     def next_batch(self, n: int) -> list[dict]:
-        k, out = len(self.active), []
-        for i, cap in enumerate(self.active):
-            out += self.readers[cap].next_batch(n // k + (i < n % k))
+        weights = [self.REHEARSE if c in self.below else 1 for c in self.readers]
+        ends = [n * sum(weights[: i + 1]) // sum(weights) for i in range(len(weights))]
+        out, start = [], 0
+        for reader, end in zip(self.readers.values(), ends, strict=True):
+            out += reader.next_batch(end - start) if end > start else []
+            start = end
         return out
 
     def update(self, accs: dict[str, float], target: float) -> bool:
-        """Keep training the capabilities below ``target``; True when none is left."""
-        self.active = [c for c in self.readers if accs[c] < target]
-        return not self.active
+        """Note which capabilities are below ``target``; True when none is."""
+        self.below = {c for c in self.readers if accs[c] < target}
+        return not self.below
 
 
 def nll_loss_fn(rt: Runtime):

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
-from multiproc import spawn
 from vision_cases import TRAINED, VISION_TASK, grpo_step_on_images, trained_then_shuffled
+
+from multiproc import spawn
 
 SMALL_RL = ["rollout.prompts_per_step=4", "grpo.group_size=4", "rollout.max_new_tokens=3"]
 

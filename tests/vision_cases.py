@@ -53,7 +53,9 @@ def grpo_step_on_images(rank: int, overrides: list[str]) -> dict:
 
     def step(rewards: torch.Tensor) -> dict:
         adv = grpo_advantages(rewards, g)
-        rows = grpo_rows(rolls.tokens, rolls.prompt_lens, rolls.lengths, adv, rolls.sampler_logprobs)
+        rows = grpo_rows(
+            rolls.tokens, rolls.prompt_lens, rolls.lengths, adv, rolls.sampler_logprobs
+        )
         update(job, rows, loss_fn, media)
         return vision_weights(job.bm.model)
 
