@@ -163,8 +163,8 @@ class PretrainConfig:
     warmup_steps: int = 50
     capabilities: list[str] = field(default_factory=list)  # empty: every branch's data
     target_accuracy: float = 0.0  # stop once mean held-out accuracy reaches this (0 = off)
-    # Per capability (0 = off): batches favour the capabilities below this held-out accuracy
-    # (3:1 rows against those at or above it); training stops once every one is at or above it.
+    # Per capability (0 = off): rows go 3:1 to capabilities below this held-out accuracy against
+    # those up to 0.15 above it (none further above); training stops once all are at or above it.
     capability_target: float = 0.0
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
     eval_limit: int = 64  # held-out samples per capability in those evaluations

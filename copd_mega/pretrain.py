@@ -73,19 +73,20 @@ def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
 
 
 class CapabilityMix:
-    """Training batches for ``pretrain.capability_target``: one reader per capability; a
-    capability below the target gets ``REHEARSE`` times the rows of one at or above it, which
-    stays in the mix so that it is not forgotten (all start below)."""
+    """Training batches for ``pretrain.capability_target``: one reader per capability, rows
+    shared by weight: 3 for a capability below the target, 1 within ``BAND`` above it (rehearsed
+    so that it is not forgotten), 0 further above (it pauses until it falls back). So fast
+    capabilities wait near the target for the slow ones instead of running to 100%."""
 
-    REHEARSE = 3
+    BAND = 0.15
 
     def __init__(self, cfg: Config, caps: list[str], dp_rank: int, dp_size: int) -> None:
         self.readers = {c: make_reader(cfg, c, "train", dp_rank, dp_size) for c in caps}
-        self.below = set(caps)
+        self.weights = dict.fromkeys(caps, 3)
 
     def next_batch(self, n: int) -> list[dict]:
-        weights = [self.REHEARSE if c in self.below else 1 for c in self.readers]
-        ends = [n * sum(weights[: i + 1]) // sum(weights) for i in range(len(weights))]
+        w = list(self.weights.values())
+        ends = [n * sum(w[: i + 1]) // sum(w) for i in range(len(w))]
         out, start = [], 0
         for reader, end in zip(self.readers.values(), ends, strict=True):
             out += reader.next_batch(end - start) if end > start else []
@@ -93,9 +94,12 @@ class CapabilityMix:
         return out
 
     def update(self, accs: dict[str, float], target: float) -> bool:
-        """Note which capabilities are below ``target``; True when none is."""
-        self.below = {c for c in self.readers if accs[c] < target}
-        return not self.below
+        """Re-weight from held-out accuracies; True when every capability reached ``target``."""
+        self.weights = {
+            c: 3 if accs[c] < target else 1 if accs[c] < target + self.BAND else 0
+            for c in self.readers
+        }
+        return all(accs[c] >= target for c in self.readers)
 
 
 def nll_loss_fn(rt: Runtime):
