@@ -159,6 +159,9 @@ class PretrainConfig:
     warmup_steps: int = 50
     capabilities: list[str] = field(default_factory=list)  # empty: every branch's data
     target_accuracy: float = 0.0  # stop once mean held-out accuracy reaches this (0 = off)
+    # Per capability (0 = off): rows go 3:1 to capabilities below this held-out accuracy against
+    # those up to 0.15 above it (none further above); training stops once all are at or above it.
+    capability_target: float = 0.0
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
     eval_limit: int = 64  # held-out samples per capability in those evaluations
 
@@ -344,6 +347,7 @@ def _validate_numbers(cfg: Config) -> None:
         ("grpo.kl_coef", cfg.grpo.kl_coef >= 0, "must be >= 0"),
         ("grpo.adv_eps", cfg.grpo.adv_eps > 0, "must be > 0"),
         ("pretrain.lr", cfg.pretrain.lr > 0, "must be > 0"),
+        ("pretrain.capability_target", 0 <= cfg.pretrain.capability_target <= 1, "in [0, 1]"),
         ("rewards.workers", cfg.rewards.workers >= 1, "must be >= 1"),
         ("rewards.timeout_s", cfg.rewards.timeout_s > 0, "must be > 0"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0"),

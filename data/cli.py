@@ -69,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--image-size", type=int, default=defaults.image_size, help="image/video side"
     )
-    synth.add_argument("--max-shapes", type=int, default=defaults.max_shapes)
     synth.add_argument("--video-frames", type=int, default=defaults.video_frames)
     return parser
 
@@ -87,7 +86,6 @@ def _synth(args: argparse.Namespace, console: Console) -> None:
         min_len=args.min_len,
         max_len=args.max_len,
         image_size=args.image_size,
-        max_shapes=args.max_shapes,
         video_frames=args.video_frames,
     )
     options.check()

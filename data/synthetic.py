@@ -1,11 +1,13 @@
 """Built-in verifiable capabilities: small tasks a tiny transformer can learn, each checkable.
 
 Text: `arith` (multi-digit addition, reward "math"), `reverse` (reverse a lowercase string) and
-`sort` (sort its letters), both reward "exact". Media: `image` (count shapes drawn on a small
-RGB canvas, reward "exact") and `video` (which way a square moves across the frames of an mp4,
-reward "choice"). Pairs whose rules conflict (`sort_up`/`sort_down`, `image_squares`/
-`image_discs`, `video_to`/`video_from`) come from `data/interference.py` and are registered here;
-the two members of a pair share one split family, so they hold out the same keys.
+`sort` (sort its letters), both reward "exact". Media: `image` (which corner of a small RGB
+canvas holds the shape) and `video` (for how many of an mp4's four seconds a square is shown),
+both reward "exact". Each has four answers drawn uniformly (chance 25%) that only the pixels
+decide: the prompt is the same for every problem of a capability. The image's answer needs the
+layout (its colours alone do not tell the corner); the video's needs every second's frames. Pairs whose rules conflict (`sort_up`/`sort_down`, `image_at`/
+`image_across`, `video_lit`/`video_dark`) come from `data/interference.py` and are registered
+here; the two members of a pair share one split family, so they hold out the same keys.
 
 Determinism and held-out data: sample `index` of `(capability, split, seed)` is drawn from a
 `random.Random` seeded with that tuple (string seeds hash with SHA-512, so the result does not
@@ -39,7 +41,7 @@ SPLITS: tuple[str, ...] = ("train", "eval")
 EVAL_BUCKETS = 8  # one problem key in EVAL_BUCKETS is held out for eval
 MAX_REDRAWS = 1000
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DIRECTIONS = ("left", "right", "up", "down")
+CORNERS = ("nw", "ne", "sw", "se")  # image answers: the shape's quadrant (north = top)
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,14 @@ class SynthOptions:
     """Sizes of the synthetic problems.
 
     digits: operand digits for `arith`. min_len/max_len: string length range for `reverse` and
-    `sort`. image_size: canvas side in pixels for `image`/`video` (even). max_shapes: most shapes
-    in an `image` problem. video_frames: frames per `video` clip.
+    `sort`. image_size: canvas side in pixels for `image`/`video` (even). video_frames: frames
+    per `video` clip.
     """
 
     digits: int = 2
     min_len: int = 3
     max_len: int = 8
     image_size: int = 32
-    max_shapes: int = 5
     video_frames: int = 8
 
     def check(self) -> None:
@@ -66,13 +67,10 @@ class SynthOptions:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
         if self.image_size < 16 or self.image_size % 2:
             raise ValueError(f"image_size must be even and >= 16, got {self.image_size}")
-        if not 1 <= self.max_shapes <= 9:
-            raise ValueError(f"max_shapes must be in 1..9, got {self.max_shapes}")
-        room = self.image_size - max(4, self.image_size // 5)
-        if not 2 <= self.video_frames <= room + 1:
+        if self.video_frames < 4 or self.video_frames % 4:
             raise ValueError(
-                f"video_frames must be in 2..{room + 1} for image_size {self.image_size} (the "
-                f"square moves at least a pixel a frame), got {self.video_frames}"
+                f"video_frames must be a positive multiple of 4 (a four-second clip), got "
+                f"{self.video_frames}"
             )
 
 
@@ -126,67 +124,66 @@ def _color(rng: random.Random) -> tuple[int, int, int]:
     return channels[0], channels[1], channels[2]
 
 
+def _shape(rng: random.Random, size: int) -> tuple[str, int, tuple[int, int, int]]:
+    """A random shape kind, side in pixels (``5 * size // 16 .. size // 2``: big enough that
+    it covers whole 8-pixel patches of a 32-pixel image) and bright colour."""
+    return rng.choice(("square", "disc")), rng.randint(5 * size // 16, size // 2), _color(rng)
+
+
 def _image(rng: random.Random, opt: SynthOptions) -> Problem:
-    """Count 1..max_shapes squares and discs, one per cell of a 3x3 grid."""
-    count = rng.randint(1, opt.max_shapes)
-    cell = opt.image_size // 3
-    shapes = []
-    for pos in sorted(rng.sample(range(9), count)):
-        size = rng.randint(max(3, cell // 2), cell - 2)
-        x = (pos % 3) * cell + rng.randint(1, cell - size - 1)
-        y = (pos // 3) * cell + rng.randint(1, cell - size - 1)
-        shapes.append(
-            (rng.choice(("square", "disc")), (x, y, x + size - 1, y + size - 1), _color(rng))
-        )
+    """One square or disc of random size, colour and position inside one quadrant."""
+    corner, half = rng.choice(CORNERS), opt.image_size // 2
+    kind, size, color = _shape(rng, opt.image_size)
+    x = rng.randint(0, half - size) + (half if corner[1] == "e" else 0)
+    y = rng.randint(0, half - size) + (half if corner[0] == "s" else 0)
+    box = (x, y, x + size - 1, y + size - 1)
 
     def render() -> dict:
         canvas = Image.new("RGB", (opt.image_size, opt.image_size))
         draw = ImageDraw.Draw(canvas)
-        for kind, box, color in shapes:
-            (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=color)
+        (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=color)
         return {"images": [canvas]}
 
-    key = ";".join(f"{kind}{box}{color}" for kind, box, color in shapes)
-    prompt = "Q: How many shapes are in the image?\nA:"
-    return Problem(key, prompt, str(count), render)
+    prompt = "Q: Which corner is the shape in? Answer nw, ne, sw or se.\nA:"
+    return Problem(f"{kind}{box}{color}", prompt, corner, render)
 
 
 def _video(rng: random.Random, opt: SynthOptions) -> Problem:
-    """A square moving one way for `video_frames` frames, staying inside the canvas."""
+    """A four-second clip (`video_frames` frames, a quarter of them per second) in which a
+    square of half the canvas's side is shown during 1..4 of the seconds, black otherwise.
+
+    Which seconds are lit is random, so no one frame tells the count: the answer sums over the
+    frames. Any uniform sampling of four or more frames (``data.media.frame_indices``) sees each
+    second at least once.
+    """
     n, side = opt.video_frames, opt.image_size
-    size = max(4, side // 5)
-    step = rng.randint(1, max(1, (side - size) // (n - 1)))
-    travel = step * (n - 1)
-    direction = rng.choice(DIRECTIONS)
-    dx, dy = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[
-        direction
-    ]
-    lo_x, hi_x = (travel, side - size) if dx < 0 else (0, side - size - (travel if dx > 0 else 0))
-    lo_y, hi_y = (travel, side - size) if dy < 0 else (0, side - size - (travel if dy > 0 else 0))
-    x0, y0, color = rng.randint(lo_x, hi_x), rng.randint(lo_y, hi_y), _color(rng)
+    count = rng.randint(1, 4)
+    lit = sorted(rng.sample(range(4), count))
+    size, color = side // 2, _color(rng)
+    x0, y0 = rng.randint(0, side - size), rng.randint(0, side - size)
 
     def render() -> dict:
         frames = []
         for t in range(n):
             frame = np.zeros((side, side, 3), dtype=np.uint8)
-            x, y = x0 + dx * t, y0 + dy * t
-            frame[y : y + size, x : x + size] = color
+            if t * 4 // n in lit:
+                frame[y0 : y0 + size, x0 : x0 + size] = color
             frames.append(frame)
-        return {"video": encode_mp4(frames)}
+        return {"video": encode_mp4(frames, fps=n // 4)}
 
-    key = f"{direction}:{x0},{y0}:{step}:{size}:{color}:{n}"
-    prompt = "Q: Which way does the square move? Answer left, right, up or down.\nA:"
-    return Problem(key, prompt, direction, render)
+    key = f"{lit}:{x0},{y0}:{color}:{n}"
+    prompt = "Q: For how many seconds is the square shown? Answer 1, 2, 3 or 4.\nA:"
+    return Problem(key, prompt, str(count), render)
 
 
-_MAKERS: dict[str, tuple[Callable[[random.Random, SynthOptions], Problem], str]] = {
+_BASE_MAKERS: dict[str, tuple[Callable[[random.Random, SynthOptions], Problem], str]] = {
     "arith": (_arith, "math"),
     "reverse": (_reverse, "exact"),
     "sort": (_sort, "exact"),
     "image": (_image, "exact"),
-    "video": (_video, "choice"),
-    **interference.MAKERS,  # pairs with opposite rules behind a small cue (data/interference.py)
+    "video": (_video, "exact"),
 }
+_MAKERS = {**_BASE_MAKERS, **interference.pair_makers(_sort, _image, _video)}
 
 
 class _Longest(random.Random):

@@ -44,7 +44,7 @@ def test_synth_text_writes_shards_and_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("capability,check", [("image", "images"), ("video", "frames")])
 def test_synth_media_reads_back(tmp_path, capability, check):
-    assert _synth(tmp_path, capability, "--video-frames", "6") == 0
+    assert _synth(tmp_path, capability, "--video-frames", "8") == 0
     paths = sorted((tmp_path / capability).glob("*.tar"))
     assert [p.name for p in paths] == [
         "eval-000000.tar",
@@ -57,7 +57,7 @@ def test_synth_media_reads_back(tmp_path, capability, check):
         assert all(len(s["images"]) == 1 and s["images"][0].shape == (3, 16, 16) for s in samples)
     else:
         assert all(
-            s["frames"].shape == (4, 3, 16, 16) and s["reward_type"] == "choice" for s in samples
+            s["frames"].shape == (4, 3, 16, 16) and s["reward_type"] == "exact" for s in samples
         )
 
 

@@ -1,14 +1,15 @@
 """The interfering capability pairs: opposite rules on one prompt surface, a shared held-out
-split, and media variants built on the unchanged image/video renderers."""
+split, and media variants built on the image/video makers."""
 
 import random
 
 import numpy as np
 import pytest
 
-from copd_mega.data.interference import MAKERS, OPPOSITE, SPLIT_FAMILY
+from copd_mega.data.interference import ACROSS, SPLIT_FAMILY
 from copd_mega.data.shards import encode_sample
 from copd_mega.data.synthetic import (
+    _MAKERS,
     SynthOptions,
     _image,
     _video,
@@ -19,7 +20,8 @@ from copd_mega.data.synthetic import (
     split_of,
 )
 
-PAIRS = [("sort_up", "sort_down"), ("image_squares", "image_discs"), ("video_to", "video_from")]
+PAIRS = [("sort_up", "sort_down"), ("image_at", "image_across"), ("video_lit", "video_dark")]
+MAKERS = {c: _MAKERS[c] for pair in PAIRS for c in pair}
 
 
 def _draw(capability: str, seed: int):
@@ -38,26 +40,26 @@ def test_sort_pair_is_one_input_with_opposite_answers_behind_one_cue():
         assert up.key == down.key
 
 
-def test_image_pair_counts_the_two_kinds_of_the_same_canvas():
+def test_image_pair_names_the_shape_s_corner_or_the_one_across_from_it():
     for seed in range(30):
-        squares, discs = _draw("image_squares", seed), _draw("image_discs", seed)
+        at, across = _draw("image_at", seed), _draw("image_across", seed)
         whole = _image(random.Random(seed), SynthOptions())
-        assert int(squares.answer) + int(discs.answer) == int(whole.answer)
-        assert int(squares.answer) == whole.key.count("square")
-        same = [np.asarray(p.render()["images"][0]) for p in (squares, discs, whole)]
+        assert at.answer == whole.answer and across.answer == ACROSS[whole.answer]
+        assert at.key == across.key == whole.key
+        same = [np.asarray(p.render()["images"][0]) for p in (at, across, whole)]
         assert (same[0] == same[2]).all() and (same[1] == same[2]).all()
-        assert squares.prompt != discs.prompt
+        assert at.prompt != across.prompt
 
 
-def test_video_pair_answers_opposite_directions_of_the_same_clip():
+def test_video_pair_counts_the_seconds_shown_or_hidden_of_the_same_clip():
     seen = set()
-    for seed in range(30):
-        to, source = _draw("video_to", seed), _draw("video_from", seed)
+    for seed in range(40):
+        lit, dark = _draw("video_lit", seed), _draw("video_dark", seed)
         clip = _video(random.Random(seed), SynthOptions())
-        assert to.answer == clip.answer and source.answer == OPPOSITE[clip.answer]
-        assert to.key == source.key == clip.key
-        seen.add(source.answer)
-    assert seen == set(OPPOSITE)
+        assert lit.answer == clip.answer and int(dark.answer) == 4 - int(clip.answer)
+        assert lit.key == dark.key == clip.key
+        seen.add(dark.answer)
+    assert seen == {"0", "1", "2", "3"}
 
 
 @pytest.mark.parametrize("pair", PAIRS)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,19 +71,30 @@ def test_answers_are_correct():
 
 
 def test_media_samples():
-    image = make_sample("image", "train", 0, 3)
-    assert image["images"][0].size == (32, 32) and image["answer"] in "12345"
-    video = make_sample("video", "eval", 0, 3, SynthOptions(video_frames=6))
-    assert video["reward_type"] == "choice" and video["answer"] in ("left", "right", "up", "down")
-    frames = decode_video(video["video"], None)
-    assert frames.shape == (6, 3, 32, 32)
-    # the square's centre of mass moves the way the answer says
-    grid = torch.arange(32.0)
-    weights = frames.sum(1) / frames.sum(1).sum((1, 2), keepdim=True)  # [N, H, W]
-    ys, xs = weights.sum(2) @ grid, weights.sum(1) @ grid
-    dx, dy = float(xs[-1] - xs[0]), float(ys[-1] - ys[0])
-    moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
-    assert max(moved, key=moved.get) == video["answer"]
+    # the image: the shape's pixels lie in the quadrant the answer names
+    for image in make_samples("image", "train", 0, 20):
+        pixels = torch.tensor(np.asarray(image["images"][0])).sum(-1)  # [H, W]
+        ys, xs = torch.nonzero(pixels, as_tuple=True)
+        assert image["images"][0].size == (32, 32) and image["reward_type"] == "exact"
+        rows, cols = ("n" if ys.max() < 16 else "s"), ("w" if xs.max() < 16 else "e")
+        assert ys.min() // 16 == ys.max() // 16 and xs.min() // 16 == xs.max() // 16
+        assert rows + cols == image["answer"]
+    # the video: four seconds of 3 frames each; the square is shown in `answer` of them
+    for video in make_samples("video", "eval", 0, 10, SynthOptions(video_frames=12)):
+        frames = decode_video(video["video"], None)
+        assert frames.shape == (12, 3, 32, 32) and video["reward_type"] == "exact"
+        lit = frames.amax((1, 2, 3)) > 0.5  # [12]
+        seconds = lit.view(4, 3)
+        assert (seconds.all(1) | ~seconds.any(1)).all()  # a second is all lit or all dark
+        assert int(seconds.all(1).sum()) == int(video["answer"])
+
+
+def test_media_answers_are_balanced_and_need_the_pixels():
+    for cap, answers in (("image", {"nw", "ne", "sw", "se"}), ("video", {"1", "2", "3", "4"})):
+        samples = list(make_samples(cap, "train", 0, 400))
+        counts = Counter(s["answer"] for s in samples)
+        assert set(counts) == answers and max(counts.values()) / len(samples) < 0.3, counts
+        assert len({s["prompt"] for s in samples}) == 1  # the prompt tells nothing
 
 
 def test_bad_options_and_names_fail_with_the_fix():
@@ -90,4 +103,4 @@ def test_bad_options_and_names_fail_with_the_fix():
     with pytest.raises(ValueError, match="unknown split"):
         make_sample("arith", "test", 0, 0)
     with pytest.raises(ValueError, match="video_frames"):
-        make_sample("video", "train", 0, 0, SynthOptions(video_frames=40))
+        make_sample("video", "train", 0, 0, SynthOptions(video_frames=6))

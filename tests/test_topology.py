@@ -223,7 +223,7 @@ def test_builtin_prompt_bound_is_the_longest_prompt():
                       for s in make_samples(cap, "train", 3, 400))  # fmt: skip
         assert prompt_positions_bound(cfg) == longest, cap
     video = load_config(None, ["branches=[{name: v, data: video}]", "vision.enabled=true"])
-    text = 1 + len("Q: Which way does the square move? Answer left, right, up or down.\nA:")
+    text = 1 + len("Q: For how many seconds is the square shown? Answer 1, 2, 3 or 4.\nA:")
     assert prompt_positions_bound(video) == text + 4 * (32 // 8) ** 2
 
 

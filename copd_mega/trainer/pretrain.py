@@ -72,6 +72,36 @@ def sft_rows(rt: Runtime, samples: list[dict]) -> dict[str, Tensor]:
     return out
 
 
+class CapabilityMix:
+    """Training batches for ``pretrain.capability_target``: one reader per capability, rows
+    shared by weight: 3 for a capability below the target, 1 within ``BAND`` above it (rehearsed
+    so that it is not forgotten), 0 further above (it pauses until it falls back). So fast
+    capabilities wait near the target for the slow ones instead of running to 100%."""
+
+    BAND = 0.15
+
+    def __init__(self, cfg: Config, caps: list[str], dp_rank: int, dp_size: int) -> None:
+        self.readers = {c: make_reader(cfg, c, "train", dp_rank, dp_size) for c in caps}
+        self.weights = dict.fromkeys(caps, 3)
+
+    def next_batch(self, n: int) -> list[dict]:
+        w = list(self.weights.values())
+        ends = [n * sum(w[: i + 1]) // sum(w) for i in range(len(w))]
+        out, start = [], 0
+        for reader, end in zip(self.readers.values(), ends, strict=True):
+            out += reader.next_batch(end - start) if end > start else []
+            start = end
+        return out
+
+    def update(self, accs: dict[str, float], target: float) -> bool:
+        """Re-weight from held-out accuracies; True when every capability reached ``target``."""
+        self.weights = {
+            c: 3 if accs[c] < target else 1 if accs[c] < target + self.BAND else 0
+            for c in self.readers
+        }
+        return all(accs[c] >= target for c in self.readers)
+
+
 def nll_loss_fn(rt: Runtime):
     cfg = rt.cfg
 
@@ -104,7 +134,10 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     )  # fmt: skip
     sampler = make_sampler(bm.model, topo, pcfg, rt.codec)
     judge = Judge.from_config(topo, rt.device, cfg.rewards)
-    reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
+    if p.capability_target:
+        reader = CapabilityMix(pcfg, caps, topo.dp_rank, topo.layout.dp)
+    else:
+        reader = make_reader(pcfg, pcfg.branches[0].data, "train", topo.dp_rank, topo.layout.dp)
     per_rank = max(p.batch_size // topo.layout.dp, 1)
     loss_fn, t0 = nll_loss_fn(rt), time.monotonic()
     for step in range(p.steps):
@@ -127,6 +160,9 @@ def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
             )
             if p.target_accuracy and mean >= p.target_accuracy:
                 rt.log(f"pretrain reached target accuracy {p.target_accuracy:.2f}; stopping")
+                break
+            if p.capability_target and reader.update(accs, p.capability_target):
+                rt.log(f"pretrain: every capability reached {p.capability_target:.2f}; stopping")
                 break
     save_model(out_dir, bm, topo, pcfg, tokenizer=rt.codec.path)
     rt.log(f"base model saved to {out_dir}")
