@@ -119,8 +119,12 @@ def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch
     )
     ra, rb = metrics_rows(reused), metrics_rows(scratch)
     assert sorted(ra) == sorted(rb)
+    # probes in stage 1 (copied from the expert run) and stage 2, on both branches
+    for branch in ("arith", "reverse"):
+        probed = [s for (b, s), r in sorted(ra.items()) if b == branch and "probe/overlap" in r]
+        assert probed == [1, 3], (branch, probed)
     for key in ra:
-        for k in ("loss", "reward", "grad_norm", "probe/overlap", "eval/mean"):
+        for k in ("cycle", "phase", "loss", "reward", "grad_norm", "probe/overlap", "eval/mean"):
             assert ra[key].get(k) == rb[key].get(k), (key, k)
     report = (out / "report.md").read_text()
     assert "| MOPD, student arith |" in report and "| static OPD, student arith |" in report

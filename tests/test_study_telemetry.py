@@ -15,7 +15,7 @@ from multiproc import spawn
 pytestmark = pytest.mark.multiproc
 
 MOVING = ["optim.lr=0.01", "optim.weight_decay=0.1"]
-COMMON = [*TINY, *MOVING, TWO, "schedule.mode=copd", "schedule.cycles=2", "schedule.rl_steps=1",
+COMMON = [*TINY, *MOVING, TWO, "model.num_layers=2", "schedule.mode=copd", "schedule.cycles=2", "schedule.rl_steps=1",
           "schedule.opd_steps=1", "data.n_eval=8"]  # fmt: skip
 TELEMETRY = ["eval.every=2", "eval.limit=4", "eval.overlap_every=2", "eval.overlap_prompts=4"]
 TRAINING_KEYS = ("loss", "reward", "accuracy", "grad_norm", "entropy")
