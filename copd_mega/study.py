@@ -192,9 +192,10 @@ def launch(argv: list[str], ranks: int, log: Path, what: str) -> float:
         f.flush()
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env()).returncode
     if code != 0:
-        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:]
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        tail = [ln for ln in lines if ": error: " in ln][-1:] or lines[-1:]
         raise StudyError(f"{what} failed with exit code {code}; see {log}"
-                         + (f" (last line: {tail[0].strip()[:200]})" if tail else ""))  # fmt: skip
+                         + (f" ({tail[0].strip()[:200]})" if tail else ""))  # fmt: skip
     return time.monotonic() - t0
 
 
