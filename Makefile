@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/copd demo --out runs/demo
 
 demo-mm: $(STAMP)
-	$(VENV)/bin/copd demo --config configs/copd_mm_cpu.yaml --out runs/demo_mm
+	$(VENV)/bin/copd demo --config configs/copd_mm_cpu.yaml --out runs/demo_mm --no-experts
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

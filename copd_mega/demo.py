@@ -46,6 +46,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="copd demo", description=__doc__)
     ap.add_argument("--out", default="runs/demo", help="run directory")
     ap.add_argument("--config", default=None, help="config (default: the embedded demo.yaml)")
+    ap.add_argument("--no-experts", dest="experts", action="store_false",
+                    help="skip the expert baseline (and the comparison with it)")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     run = Path(args.out).resolve()
@@ -68,16 +70,18 @@ def main(argv: list[str]) -> int:
     resume = ["--resume"] if (run / "checkpoints" / "latest").exists() else []
     _run([*torchrun, "train", "--config", str(config), *resume,
           f"checkpoint.init_from={base}"], f"CoPD, {len(cfg.branches)} branches")  # fmt: skip
-    if len(cfg.branches) > 1:
+    compare = args.experts and len(cfg.branches) > 1
+    if compare:
+        torchrun[-3] = f"--master-port={free_port()}"
         _run([*torchrun, "train", "--config", str(config), "--resume=auto",
               f"checkpoint.init_from={base}", *expert_overrides(run)],
              f"experts, {len(cfg.branches)} branches, the same steps")  # fmt: skip
     _run([py, "-m", "copd_mega.cli", "report", str(run)], "plots")
     print(f"\ncopd demo finished in {time.monotonic() - t0:.0f}s; run directory {run}")
-    if len(cfg.branches) > 1:
+    if compare:
         print("\nheld-out greedy accuracy (%), CoPD against experts trained for the same steps\n"
               + format_comparison(comparison_rows(cfg, run), eval_caps(cfg)))  # fmt: skip
         print(f"\n{STUDY_HINT}")
-    print(f"  evaluation tables: {run / 'eval.json'}, {run / 'expert' / 'eval.json'}; plots: "
-          f"{run / 'plots'}")  # fmt: skip
+    tables = [run / "eval.json", *([run / "expert" / "eval.json"] if compare else [])]
+    print(f"  evaluation tables: {', '.join(map(str, tables))}; plots: {run / 'plots'}")
     return 0

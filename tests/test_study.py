@@ -119,8 +119,22 @@ def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch
     )
     ra, rb = metrics_rows(reused), metrics_rows(scratch)
     assert sorted(ra) == sorted(rb)
+    # probes in stage 1 (copied from the expert run) and stage 2, on both branches
+    for branch in ("arith", "reverse"):
+        probed = [s for (b, s), r in sorted(ra.items()) if b == branch and "probe/overlap" in r]
+        assert probed == [1, 3], (branch, probed)
     for key in ra:
-        for k in ("loss", "reward", "grad_norm", "probe/overlap", "eval/mean"):
+        for k in ("cycle", "phase", "loss", "reward", "grad_norm", "probe/overlap", "eval/mean"):
             assert ra[key].get(k) == rb[key].get(k), (key, k)
     report = (out / "report.md").read_text()
     assert "| MOPD, student arith |" in report and "| static OPD, student arith |" in report
+
+
+def test_a_failing_run_ends_the_study_with_one_line_naming_it(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", SMALL)
+    res = copd("study", "--config", str(cfg), "--modes", "copd,expert", "--seeds", "1",
+               "--out", str(tmp_path / "s"), "rollout.max_new_tokens=60")  # fmt: skip
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 1 and len(lines) == 1, res.stdout[-2000:] + res.stderr
+    assert "failed with exit code" in lines[0] and "max_seq_length" in lines[0], lines[0]
+    assert "study.log" in lines[0]

@@ -200,9 +200,10 @@ def launch(argv: list[str], ranks: int, log: Path, what: str) -> float:
         f.flush()
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env()).returncode
     if code != 0:
-        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:]
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        tail = [ln for ln in lines if ": error: " in ln][-1:] or lines[-1:]
         raise StudyError(f"{what} failed with exit code {code}; see {log}"
-                         + (f" (last line: {tail[0].strip()[:200]})" if tail else ""))  # fmt: skip
+                         + (f" ({tail[0].strip()[:200]})" if tail else ""))  # fmt: skip
     return time.monotonic() - t0
 
 
@@ -224,14 +225,15 @@ def copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def metrics_before(src: Path, dst: Path, step: int) -> None:
-    """Copy ``src/metrics/*.jsonl`` rows of steps < ``step`` to ``dst/metrics`` (atomically)."""
+def metrics_before(src: Path, dst: Path, step: int, rl_steps: int) -> None:
+    """Copy ``src/metrics/*.jsonl`` rows of steps < ``step`` to ``dst/metrics`` (atomically),
+    numbering their cycles as the distillation plan's stage 1 does (``step // rl_steps``)."""
 
     (dst / "metrics").mkdir(parents=True, exist_ok=True)
     for f in sorted((src / "metrics").glob("*.jsonl")):
-        rows = [ln for ln in f.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln)["step"] < step]
-        write_text_atomic(dst / "metrics" / f.name, "".join(ln + "\n" for ln in keep))
+        rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+        keep = [{**r, "cycle": r["step"] // rl_steps} for r in rows if r["step"] < step]
+        write_text_atomic(dst / "metrics" / f.name, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class Study:
@@ -299,7 +301,7 @@ class Study:
         name = f"step_{self.shared - 1:06d}"
         copy_atomic(stage1, root / name)
         write_text_atomic(root / LATEST_FILE, name + "\n")
-        metrics_before(stage1.parent, run.path, self.shared)
+        metrics_before(stage1.parent, run.path, self.shared, self.cfg.schedule.rl_steps)
         t = json.loads((stage1.parent / "study_time.json").read_text())
         write_text_atomic(run.path / "stage1_from.json", json.dumps(
             {"checkpoint": str(stage1), "steps": self.shared, "seconds": t.get("stage1", 0.0)}
@@ -313,6 +315,8 @@ def prepare(args) -> tuple[Study, Path, list[str]]:
     """Validate the input, write ``STUDY/config.yaml`` and plan the runs (no training yet)."""
 
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for the study")
     modes, seeds = parse_modes(args.modes), parse_seeds(args.seeds)
     cfg = load_config(
         args.config or default_config_path(), [*args.overrides, f"run_dir={out}/base"]
@@ -373,5 +377,6 @@ def main(argv: list[str]) -> int:
     except StudyError as e:
         print(f"copd study: error: {e}", file=sys.stderr)
         return 1
-    print(f"copd study: report {report}")
+    print(report.read_text().split("## Wall time")[0].rstrip())
+    print(f"\ncopd study: report {report}")
     return 0

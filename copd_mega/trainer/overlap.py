@@ -41,6 +41,7 @@ from copd_mega.models.multimodal import media_spec
 from copd_mega.models.vlm import build_vlm
 from copd_mega.parallel import comm
 from copd_mega.parallel.dist import free_port
+from copd_mega.parallel.topology import plan_layout
 from copd_mega.rl.losses import topk_overlap
 from copd_mega.rl.sampling import Rollouts
 from copd_mega.rl.teacher_scores import score_sequences
@@ -189,6 +190,7 @@ def main(argv: list[str]) -> int:
     cfg = offline_config(args)
     if "RANK" not in os.environ:  # not under a launcher: start one rank per model part
         n = 2 * cfg.ranks_per_branch
+        plan_layout(cfg, n)  # a bad split is a one-line error here, not one per rank
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
                f"--master-port={free_port()}", "-m", "copd_mega.cli", "overlap", *argv]  # fmt: skip
         return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
