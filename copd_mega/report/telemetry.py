@@ -1,4 +1,4 @@
-"""``copd report`` panels of the periodic telemetry (:mod:`copd_mega.periodic_eval`):
+"""``copd report`` panels of the periodic telemetry (:mod:`copd_mega.trainer.periodic_eval`):
 ``heldout.png`` (each branch's ``eval/mean`` and the merged branches' ``eval/merged/mean``)
 and ``probe_overlap.png`` / ``probe_delta.png`` (``probe/<s><-<t>/overlap`` and ``/delta``)."""
 
