@@ -136,7 +136,7 @@ def test_sbatch_runs_two_tp2_pp2_branches_on_cpu(slurm, tmp_path, capsys):
     first_progress = min(text.index(f"[{n}] [") for n in NAMES)
     assert text.index(layout) < first_data < first_progress, "layout must come before the models"
     for n in NAMES:  # every branch leader reported its last step
-        assert f"[{n}] [####################] step 2/2" in text, n
+        assert f"[{n}] [ {'━' * 20} ] step 2/2" in text, n  # rich's full bar
     metrics = sorted((run_dir / "metrics").glob("*.jsonl"))
     assert [p.stem for p in metrics] == sorted(NAMES)
     for p in metrics:
