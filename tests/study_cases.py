@@ -42,8 +42,8 @@ def merged_eval_case(rank: int, overrides: list[str]) -> dict:
 
     from copd_mega.config import load_config
     from copd_mega.parallel.merge import master_shards
-    from copd_mega.trainer.periodic_eval import merged_for_eval
     from copd_mega.trainer.job import build_job
+    from copd_mega.trainer.periodic_eval import merged_for_eval
 
     job = build_job(load_config(None, overrides))
     perturb(job.bm, job.rt.topo)
