@@ -28,8 +28,8 @@ from copd_mega.study.demo_table import (
     STUDY_HINT,
     comparison_rows,
     expert_overrides,
-    format_comparison,
 )
+from copd_mega.trainer.evaluate import format_table
 from copd_mega.trainer.job import eval_caps
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     print(f"\ncopd demo finished in {time.monotonic() - t0:.0f}s; run directory {run}")
     if compare:
         print("\nheld-out greedy accuracy (%), CoPD against experts trained for the same steps\n"
-              + format_comparison(comparison_rows(cfg, run), eval_caps(cfg)))  # fmt: skip
+              + format_table(comparison_rows(cfg, run), eval_caps(cfg)))  # fmt: skip
         print(f"\n{STUDY_HINT}")
     tables = [run / "eval.json", *([run / "expert" / "eval.json"] if compare else [])]
     print(f"  evaluation tables: {', '.join(map(str, tables))}; plots: {run / 'plots'}")

@@ -43,16 +43,3 @@ def comparison_rows(cfg: Config, run: Path) -> dict[str, dict[str, float]]:
         rows[f"CoPD branch {b.name}"] = copd_eval[f"branch {b.name}"]
     rows["CoPD merged"] = copd_eval["merged"]
     return rows
-
-
-def format_comparison(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
-    """Percent table; '-' where a row has no number (an expert outside its domain)."""
-    width = max(len(r) for r in rows) + 2
-    head = "model".ljust(width) + "".join(c.rjust(10) for c in caps) + "      mean"
-    lines = [head, "-" * len(head)]
-    for name, accs in rows.items():
-        cells = "".join(f"{100 * accs[c]:10.1f}" if c in accs else "-".rjust(10) for c in caps)
-        full = all(c in accs for c in caps)
-        mean = f"{100 * sum(accs[c] for c in caps) / len(caps):10.1f}" if full else "-".rjust(10)
-        lines.append(name.ljust(width) + cells + mean)
-    return "\n".join(lines)

@@ -62,15 +62,16 @@ def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0
 
 
 def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
-    """Accuracy table: one row per model, one column per capability (percent)."""
+    """Accuracy table: one row per model, one column per capability (percent); '-' where a row
+    has no number (e.g. an expert outside its domain), and then no mean."""
     width = max(len(r) for r in rows) + 2
     head = "model".ljust(width) + "".join(c.rjust(10) for c in caps) + "      mean"
     lines = [head, "-" * len(head)]
     for name, accs in rows.items():
-        vals = [accs.get(c, float("nan")) for c in caps]
-        mean = sum(vals) / len(vals)
-        cells = "".join(f"{100 * v:10.1f}" for v in vals)
-        lines.append(name.ljust(width) + cells + f"{100 * mean:10.1f}")
+        cells = "".join(f"{100 * accs[c]:10.1f}" if c in accs else "-".rjust(10) for c in caps)
+        full = all(c in accs for c in caps)
+        mean = f"{100 * sum(accs[c] for c in caps) / len(caps):10.1f}" if full else "-".rjust(10)
+        lines.append(name.ljust(width) + cells + mean)
     return "\n".join(lines)
 
 
