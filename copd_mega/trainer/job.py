@@ -45,8 +45,27 @@ from copd_mega.rl.vlm_sampler import make_sampler
 from copd_mega.trainer.evaluate import evaluate, format_table
 
 
+class RuntimeView:
+    """``cfg`` and per-phase wall times (``timings["time/<phase>"]``) of a dataclass holding
+    ``rt`` (a ``Runtime``) and ``timings``: a training job, or checkpoints loaded to probe."""
+
+    @property
+    def cfg(self) -> Config:
+        return self.rt.cfg
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Accumulate wall time of ``phase`` into this step's ``time/<phase>``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
 @dataclass
-class BranchJob:
+class BranchJob(RuntimeView):
     """This rank's share of the job: its branch's model, data streams, schedule and sinks."""
 
     rt: Runtime
@@ -65,20 +84,6 @@ class BranchJob:
     @property
     def name(self) -> str:
         return self.rt.topo.branch.name
-
-    @property
-    def cfg(self) -> Config:
-        return self.rt.cfg
-
-    @contextmanager
-    def timed(self, phase: str):
-        """Accumulate wall time of ``phase`` into this step's ``time/<phase>``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"time/{phase}"
-            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def init_checkpoint(cfg: Config) -> str:

@@ -23,8 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from copd_mega.rl.losses import topk_overlap
 from copd_mega.rl.sampling import Rollouts
 from copd_mega.rl.teacher_scores import score_sequences
 from copd_mega.rl.vlm_sampler import make_sampler
+from copd_mega.trainer.job import RuntimeView
 from copd_mega.trainer.rollouts import generate_rollouts
 from copd_mega.trainer.teaching import peer_scoring
 
@@ -124,23 +123,13 @@ def probe(view, edges: list[tuple[str, str]], data_of: dict[str, str], seed: int
 
 
 @dataclass
-class CheckpointView:
+class CheckpointView(RuntimeView):
     """What :func:`probe` needs of a job, for two model checkpoints loaded side by side."""
 
     rt: object  # Runtime
     bm: object  # BranchModel without an optimizer
     sampler: object
     timings: dict = field(default_factory=dict)
-
-    @property
-    def cfg(self) -> Config:
-        return self.rt.cfg
-
-    @contextmanager
-    def timed(self, phase: str):
-        t0 = time.perf_counter()
-        yield
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def offline_config(args) -> Config:
