@@ -5,9 +5,10 @@ a GPU engine (megatron's dynamic engine, vLLM) can replace :class:`MegatronSampl
 
 How :class:`MegatronSampler` works (it follows megatron's static-batching text generation):
 
-* **Micro-batches:** the rows of a call are sorted by prompt length and generated
-  ``rollout.max_batch_size`` at a time; each micro-batch's KV cache holds its rows x (its longest
-  prompt + ``max_new_tokens``) positions, never all rows of the call.
+* **Micro-batches** (:mod:`copd_mega.rl.micro_batches`, shared with the VLM sampler): the rows of
+  a call are sorted by prompt length and generated ``rollout.max_batch_size`` at a time; each
+  micro-batch's KV cache holds its rows x (its longest prompt + ``max_new_tokens``) positions,
+  never all rows of the call.
 * **Variable prompt lengths: right padding, stepped through.** Prompts sit right-padded in one
   ``[b, max_prompt + max_new_tokens]`` buffer, so every row's token t is at cache position t.
   (megatron's RoPE takes positions from the cache offset, not ``position_ids``, so left padding
@@ -50,12 +51,17 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
+from copd_mega.rl.micro_batches import (
+    MicroBatch,
+    check_batch_size,
+    generate_in_micro_batches,
+    generation_mode,
+)
 from copd_mega.rl.pipeline_step import GPTStep, share_from_last_stage
 from copd_mega.rl.sampling import (
     Rollouts,
     SamplingParams,
     model_logprob,
-    row_uniforms,
     sample_tokens,
 )
 
@@ -211,9 +217,9 @@ class MegatronSampler:
         ``max_batch_size``: rows per generation micro-batch (None: ``rollout.max_batch_size``).
         ``use_kv_cache=False`` recomputes the whole prefix at every step and ``compact=False``
         keeps finished rows in the running batch (the references tests and benchmark use)."""
-        size = cfg.rollout.max_batch_size if max_batch_size is None else max_batch_size
-        if size < 1:
-            raise ValueError(f"rollout.max_batch_size={size} must be >= 1 (rows per micro-batch)")
+        size = check_batch_size(
+            cfg.rollout.max_batch_size if max_batch_size is None else max_batch_size
+        )
         self.model, self.gpt, self.topo = model, _unwrap(model), topo
         self.vocab_size = cfg.model.vocab_size
         self.max_seq_length = cfg.model.max_seq_length
@@ -224,31 +230,25 @@ class MegatronSampler:
         """Sample a response for every prompt (lists of token ids, each non-empty).
 
         Returns right-padded :class:`Rollouts` in prompt order, on every TP and PP rank. Rows
-        run in ``max_batch_size`` micro-batches of similar prompt length.
+        run in ``max_batch_size`` micro-batches of similar prompt length
+        (:func:`~copd_mega.rl.micro_batches.generate_in_micro_batches`).
         """
         params.check(self.vocab_size)
         check_prompts(prompts, self.vocab_size, params.max_new_tokens, self.max_seq_length)
         dev = next(self.gpt.parameters()).device
-        if not prompts:
-            empty = torch.empty(0, 0, dtype=torch.long, device=dev)
-            return Rollouts(empty, empty[:, 0], empty[:, 0], empty.float())
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         stats: dict = {"micro_batches": 0, "cache_rows": 0, "cache_len": 0, "cache_layers": 0}
-        parts = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for i in range(0, len(order), self.max_batch_size):
-                    rows = order[i : i + self.max_batch_size]
-                    draws = row_uniforms(seed, self.topo.dp_rank, rows, params.max_new_tokens)
-                    batch = pack_prompts([prompts[j] for j in rows], params, draws)
-                    batch.tokens = batch.tokens.to(dev)
-                    parts.append(self._micro_batch(batch, params, stats))
-        finally:
-            self.model.train(was_training)
+
+        def run(mb: MicroBatch) -> Rollouts:
+            batch = pack_prompts(mb.prompts, params, mb.uniforms)
+            batch.tokens = batch.tokens.to(dev)
+            return self._micro_batch(batch, params, stats)
+
+        with generation_mode(self.model):
+            out = generate_in_micro_batches(
+                prompts, params, seed, self.topo.dp_rank, self.max_batch_size, run, dev
+            )
         self.last_stats = stats
-        return _reorder(_concat(parts, params.pad_id), order)
+        return out
 
     def _micro_batch(self, batch: PromptBatch, params: SamplingParams, stats: dict) -> Rollouts:
         def share(x: Tensor) -> None:
@@ -282,28 +282,3 @@ def full_recompute_generate(
     """
     sampler = MegatronSampler(model, topo, cfg, use_kv_cache=False)
     return sampler.generate(prompts, params, seed)
-
-
-# ----------------------------------------------------------------------------- batching helpers
-
-
-def _concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    width = max(p.tokens.shape[1] for p in parts)
-
-    def pad(x: Tensor, value: float) -> Tensor:
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    return Rollouts(
-        torch.cat([pad(p.tokens, pad_id) for p in parts]),
-        torch.cat([p.prompt_lens for p in parts]),
-        torch.cat([p.lengths for p in parts]),
-        torch.cat([pad(p.sampler_logprobs, 0.0) for p in parts]),
-    )
-
-
-def _reorder(r: Rollouts, order: list[int]) -> Rollouts:
-    """Undo the length sort: row ``k`` of ``r`` belongs to prompt ``order[k]``."""
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    inv = inv.to(r.tokens.device)
-    return Rollouts(r.tokens[inv], r.prompt_lens[inv], r.lengths[inv], r.sampler_logprobs[inv])

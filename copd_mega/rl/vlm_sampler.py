@@ -19,12 +19,13 @@ length ``c_i``:
 media included, runs forward again and the logits at the last text position (gathered with
 ``text_positions``) are sampled.
 
-Shared with :class:`copd_mega.rl.rollout.MegatronSampler`: ``decode_loop`` (micro-batches of
-``rollout.max_batch_size`` rows, compaction of finished rows, per-row sampling streams), and the
-sampled ids broadcast from TP rank 0, so every TP rank holds the same rollouts. Departure: the
-``<image>`` id is never sampled (its logit is masked), since a medium slot in a response would
-have no pixels; sampler log-probs are taken over the masked distribution. Requires
-``parallel.pp=1`` (refused at construction).
+Shared with :class:`copd_mega.rl.rollout.MegatronSampler`: the micro-batching driver
+(:func:`copd_mega.rl.micro_batches.generate_in_micro_batches`: length-sorted micro-batches of
+``rollout.max_batch_size`` rows, per-row sampling streams, reassembly in prompt order),
+``decode_loop`` (compaction of finished rows), and the sampled ids broadcast from TP rank 0, so
+every TP rank holds the same rollouts. Departure: the ``<image>`` id is never sampled (its logit
+is masked), since a medium slot in a response would have no pixels; sampler log-probs are taken
+over the masked distribution. Requires ``parallel.pp=1`` (refused at construction).
 """
 
 from __future__ import annotations
@@ -35,16 +36,15 @@ from torch import Tensor
 from copd_mega.config import Config
 from copd_mega.models.vlm import prepare_inputs
 from copd_mega.parallel.topology import Topology
-from copd_mega.rl.pipeline_step import compact_cache, share_from_last_stage
-from copd_mega.rl.rollout import (
-    MegatronSampler,
-    PromptBatch,
-    _concat,
-    _reorder,
-    decode_loop,
-    pack_prompts,
+from copd_mega.rl.micro_batches import (
+    MicroBatch,
+    check_batch_size,
+    generate_in_micro_batches,
+    generation_mode,
 )
-from copd_mega.rl.sampling import Rollouts, SamplingParams, row_uniforms
+from copd_mega.rl.pipeline_step import compact_cache, share_from_last_stage
+from copd_mega.rl.rollout import MegatronSampler, PromptBatch, decode_loop, pack_prompts
+from copd_mega.rl.sampling import Rollouts, SamplingParams
 
 
 def _unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,9 +78,9 @@ class VLMSampler:
                 f"the vision-language sampler runs with parallel.pp=1, got "
                 f"parallel.pp={topo.layout.pp}; set parallel.pp=1 (scale it with TP/DP)"
             )
-        size = cfg.rollout.max_batch_size if max_batch_size is None else max_batch_size
-        if size < 1:
-            raise ValueError(f"rollout.max_batch_size={size} must be >= 1 (rows per micro-batch)")
+        size = check_batch_size(
+            cfg.rollout.max_batch_size if max_batch_size is None else max_batch_size
+        )
         self.model, self.llava, self.topo, self.cfg = model, _unwrap_llava(model), topo, cfg
         self.vocab_size, self.image_id = cfg.model.vocab_size, image_id
         self.max_batch_size, self.use_kv_cache = size, use_kv_cache
@@ -103,28 +103,20 @@ class VLMSampler:
         if len(media) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(media)} media lists")
         dev = next(self.llava.parameters()).device
-        if not prompts:
-            empty = torch.empty(0, 0, dtype=torch.long, device=dev)
-            return Rollouts(empty, empty[:, 0], empty[:, 0], empty.float())
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        parts = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for i in range(0, len(order), self.max_batch_size):
-                    rows = order[i : i + self.max_batch_size]
-                    draws = row_uniforms(seed, self.topo.dp_rank, rows, params.max_new_tokens)
-                    sub = ([prompts[j] for j in rows], [media[j] for j in rows])
-                    parts.append(self._micro_batch(*sub, params, draws, dev))
-        finally:
-            self.model.train(was_training)
-        return _reorder(_concat(parts, params.pad_id), order)
 
-    def _micro_batch(self, prompts, media, params: SamplingParams, draws: Tensor, dev):
+        def run(mb: MicroBatch) -> Rollouts:
+            return self._micro_batch(mb, [media[j] for j in mb.rows], params, dev)
+
+        with generation_mode(self.model):
+            return generate_in_micro_batches(
+                prompts, params, seed, self.topo.dp_rank, self.max_batch_size, run, dev
+            )
+
+    def _micro_batch(self, mb: MicroBatch, media, params: SamplingParams, dev) -> Rollouts:
         def share(x: Tensor) -> None:
             share_from_last_stage(x, self.topo)
 
+        prompts, draws = mb.prompts, mb.uniforms
         if not self.use_kv_cache:
             batch = pack_prompts(prompts, params, draws)
             batch.tokens = batch.tokens.to(dev)
