@@ -5,6 +5,8 @@ It runs ``validate.validate_job``, the same checks ``copd train`` runs at start-
 text is printed by ``copd train`` on global rank 0 before any model is built, so a dry run on a
 laptop shows exactly what the Slurm job will do. With ``--gpu-memory-gb G`` it exits 1, in one
 line naming the setting to change, when the memory plan (``copd_mega.launch.memory``) exceeds G GiB.
+With ``--gpu NAME`` or ``--gpu-memory-gb`` it also prints the predicted generation time per
+step for each engine, with every number it assumes (``copd_mega.launch.predict``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 
 from copd_mega.config import Config, ConfigError, load_config
 from copd_mega.launch.memory import GIB, fit_error, memory_parts, stage_params, vision_params
+from copd_mega.launch.predict import add_args as add_predict_args
+from copd_mega.launch.predict import format_generation
 from copd_mega.launch.validate import validate_job
 from copd_mega.models.gpt import count_parameters
 from copd_mega.parallel.topology import Layout
@@ -88,6 +92,7 @@ def main(argv: list[str]) -> int:
         "--gpu-memory-gb", type=float, default=0.0,
         help="GPU memory in GiB (80 for an 80 GB GPU): exit 1 when the memory plan exceeds it",
     )  # fmt: skip
+    add_predict_args(ap)
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     try:
@@ -97,6 +102,8 @@ def main(argv: list[str]) -> int:
         print(f"copd plan: {e}", file=sys.stderr)
         return 1
     print(format_layout(cfg, layout))
+    if args.gpu or args.gpu_memory_gb > 0:  # a question about GPUs: how long generation takes
+        print("\n".join(format_generation(cfg, layout, args)))
     if args.gpu_memory_gb > 0:
         error = fit_error(cfg, memory_parts(cfg), args.gpu_memory_gb)
         if error:
