@@ -110,16 +110,18 @@ def test_overrides_and_errors_name_the_option():
         hardware("v100")
 
 
-def _plan(capsys, *argv: str) -> tuple[int, str]:
+def _plan(capsys, *argv: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``copd plan`` on the 8-branch config."""
     capsys.readouterr()
     code = plan_main(
         ["--config", str(REPO / "configs/copd_8branch.yaml"), "--world-size", "64", *argv]
     )
-    return code, capsys.readouterr().out
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_plan_prints_generation_per_engine_with_its_assumptions(capsys):
-    code, out = _plan(capsys, "--gpu", "h200", "--mean-response-tokens", "4000")
+    code, out, _ = _plan(capsys, "--gpu", "h200", "--mean-response-tokens", "4000")
     assert code == 0
     assert "--gpu h200: H200 SXM 141GB, 989 TFLOP/s bf16 dense, 4.8 TB/s HBM" in out
     assert "responses 12288 tokens at most, 4000 on average" in out
@@ -127,7 +129,28 @@ def test_plan_prints_generation_per_engine_with_its_assumptions(capsys):
     assert "vllm: 1 engine(s) per DP replica of TP4" in out
     assert out.count("assumes prefill") == 2 and out.count("rl step (x300)") == 2
     assert "opd step (x200)" in out and "slowest branch text" in out  # the hub's peer calls
-    _, slower = _plan(capsys, "--gpu", "h200", "--gen-assume", "megatron.forward_overhead_s=0.01")
+    _, slower, _ = _plan(
+        capsys, "--gpu", "h200", "--gen-assume", "megatron.forward_overhead_s=0.01"
+    )
     assert "10 ms per forward per stage" in slower
-    _, none = _plan(capsys)
+    _, none, _ = _plan(capsys)
     assert "generation per step" not in none  # only asked with --gpu / --gpu-memory-gb
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gen-assume", "vllm.decode_bw_eff=1.5"], "vllm.decode_bw_eff=1.5"),
+        (["--gen-assume", "megatron.prefill_mfu=x"], "megatron.prefill_mfu=x"),
+        (["--mean-response-tokens", "0.5"], "--mean-response-tokens 0.5"),
+        (["--peak-tflops", "-1"], None),
+    ],
+)
+def test_plan_bad_prediction_options_fail_in_one_line(capsys, argv, message):
+    code, out, err = _plan(capsys, "--gpu", "a100", *argv)
+    if message is None:  # a non-positive override keeps the datasheet value
+        assert code == 0 and "312 TFLOP/s" in out
+        return
+    assert code == 1 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("copd plan: ") and message in line

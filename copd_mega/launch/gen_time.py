@@ -93,8 +93,17 @@ def engine_with(name: str, overrides: list[str]) -> Engine:
                 f"--gen-assume {item!r}: use ENGINE.FIELD=VALUE with ENGINE one of "
                 f"{', '.join(ENGINES)} and FIELD one of {', '.join(TUNABLE)}"
             )
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not 0 < number < math.inf or (field != "forward_overhead_s" and number > 1):
+            raise ValueError(
+                f"--gen-assume {item!r}: {field} must be a number in (0, 1]"
+                + (" (seconds)" if field == "forward_overhead_s" else "")
+            )
         if who == name:
-            eng = dataclasses.replace(eng, **{field: float(value)})
+            eng = dataclasses.replace(eng, **{field: number})
     return eng
 
 

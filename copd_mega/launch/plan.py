@@ -101,9 +101,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"copd plan: {e}", file=sys.stderr)
         return 1
-    print(format_layout(cfg, layout))
+    generation = []
     if args.gpu or args.gpu_memory_gb > 0:  # a question about GPUs: how long generation takes
-        print("\n".join(format_generation(cfg, layout, args)))
+        try:
+            generation = format_generation(cfg, layout, args)
+        except ValueError as e:
+            print(f"copd plan: {e}", file=sys.stderr)
+            return 1
+    print("\n".join([format_layout(cfg, layout), *generation]))
     if args.gpu_memory_gb > 0:
         error = fit_error(cfg, memory_parts(cfg), args.gpu_memory_gb)
         if error:

@@ -117,14 +117,15 @@ def _work(cfg: Config, plan: GenerationPlan) -> list[str]:
 
 
 def format_generation(cfg: Config, layout: Layout, args: argparse.Namespace) -> list[str]:
-    """The predicted generation time per step for ``cfg`` on ``args.gpu`` (lines)."""
+    """The predicted generation time per step for ``cfg`` on ``args.gpu`` (lines).
+    ValueError naming the option for a bad ``--gpu``/``--gen-assume``/``--mean-response-tokens``."""
+    hw = hardware(args.gpu or "h100", args.peak_tflops, args.hbm_tbps)
+    engines = {n: engine_with(n, args.gen_assume) for n in ENGINES}
+    if args.mean_response_tokens and args.mean_response_tokens < 1:
+        raise ValueError(f"--mean-response-tokens {args.mean_response_tokens:g} must be >= 1")
     try:
         prompt = prompt_positions_bound(cfg)
-        hw = hardware(args.gpu or "h100", args.peak_tflops, args.hbm_tbps)
-        engines = {n: engine_with(n, args.gen_assume) for n in ENGINES}
-        if args.mean_response_tokens and args.mean_response_tokens < 1:
-            raise ValueError(f"--mean-response-tokens {args.mean_response_tokens:g} must be >= 1")
-    except (ConfigError, ValueError) as e:
+    except ConfigError as e:  # only when the prompt bound is unknown (not a training job)
         return [f"generation per step: unknown ({e})"]
     r = cfg.rollout
     mean = min(args.mean_response_tokens or r.max_new_tokens, r.max_new_tokens)
