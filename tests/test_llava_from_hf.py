@@ -108,7 +108,9 @@ def test_llava_through_copd_and_back(hf_dir, tmp_path):
     """`copd train` from the HF LLaVA (2 vision branches, one RL and one OPD step each),
     `copd export-hf` of the final merged model: every original tensor comes back (the unused
     last ViT layer and the post-norm bit for bit), and transformers' logits on an image prompt
-    equal the trainer's from the same checkpoint."""
+    equal the trainer's from the same checkpoint. (A random model earns no reward, so its
+    advantages are 0 and the step leaves the weights as they were; exporting weights Megatron
+    changed is tests/test_llava.py's TP2 case.)"""
     import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
@@ -132,7 +134,6 @@ def test_llava_through_copd_and_back(hf_dir, tmp_path):
     unused = [k for k in orig if ".layers.2." in k and "vision" in k or "post_layernorm" in k]
     assert len(unused) == 18  # 16 tensors of the unused layer, the post-norm's 2
     assert all(torch.equal(orig[k], back[k]) for k in unused)
-    print("MOVED", [k for k in orig if not torch.equal(orig[k], back[k])])
     config_json = json.loads((out / "config.json").read_text())
     assert (
         config_json["vision_feature_layer"],

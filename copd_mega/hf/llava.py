@@ -166,8 +166,9 @@ def _save_processor(reader, cfg: Config, out: Path, has_tokenizer: bool) -> None
         ).save_pretrained(str(out))  # fmt: skip
     else:
         proc.save_pretrained(str(out))
-    if path is not None:
-        copy_hf_files(path, out, (*TOKENIZER_FILES, *PROCESSOR_FILES))
+    hf_tokenizer = path is not None and (path / "tokenizer_config.json").is_file()
+    if path is not None:  # what came from an HF directory goes back as it was
+        copy_hf_files(path, out, (*(TOKENIZER_FILES if hf_tokenizer else ()), *PROCESSOR_FILES))
 
 
 def export_llava(
