@@ -1,12 +1,14 @@
 """``checkpoint.init_from_hf: DIR``: the HF model converted once per run, under ``RUN/hf_init``.
 
-Global rank 0 converts (``import_hf``, or ``import_llava`` for a LLaVA) into ``RUN/hf_init.staging`` and renames it to
-``RUN/hf_init`` when complete, with ``hf_source.json`` (the source path and a digest of its
-``config.json`` and weight index) beside the weights; the other ranks wait at the caller's
-barrier. A later job on the same run (``--resume``, or a rerun) reuses it, also when the HF
-directory is gone; a cache made from a different model is an error, never silently reused.
-The checkpoint also carries the HF tokenizer files (:data:`TOKENIZER_FILES`, copied by
-``import_hf``), so the run's tokenizer, chat template and end-of-turn ids are read from it.
+Global rank 0 converts (``import_hf``, or ``import_llava`` for a LLaVA directory) into
+``RUN/hf_init.staging`` and renames it to ``RUN/hf_init`` when complete, with
+``hf_source.json`` (the source path and a digest of its ``config.json`` and weight index) beside
+the weights; the other ranks wait at the caller's barrier. A later job on the same run
+(``--resume``, or a rerun) reuses it, also when the HF directory is gone; a cache made from a
+different model is an error, never silently reused. The checkpoint also carries the HF
+tokenizer files (:data:`TOKENIZER_FILES`, copied by the import; a LLaVA's image processor files
+and ``hf_extra.safetensors`` too), so the run's tokenizer, chat template and end-of-turn ids are
+read from it.
 """
 
 from __future__ import annotations

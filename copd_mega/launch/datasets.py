@@ -249,8 +249,9 @@ class ChatCodec:
             add_generation_prompt=True, enable_thinking=self.thinking,
         )  # fmt: skip
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if self.vision and self.bos is not None and ids[:1] != [self.bos]:
-            ids = [self.bos] * (self.tok("a")["input_ids"][:1] == [self.bos]) + ids
+        adds_bos = self.bos is not None and self.tok("a")["input_ids"][:1] == [self.bos]
+        if self.vision and adds_bos and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids
         if self.vision and ids.count(self.image) != num_media:
             raise ConfigError(
                 f"{self.hf_dir}: the chat template rendered {ids.count(self.image)} "
