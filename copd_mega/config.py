@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from copd_mega.config_checks import validate
-from copd_mega.config_hf import apply_hf_model_config
+from copd_mega.config_hf_dir import apply_hf_model_config
+from copd_mega.config_llava import CLIP_MEAN, CLIP_STD
 from copd_mega.config_tree import ConfigError, apply_override, to_dataclass, to_dict
 
 
@@ -67,6 +68,9 @@ class VisionConfig:
     image_token_index: int = (
         -1
     )  # HF LLaVA's image token id, kept on import (-1: tokenizer's <image>)
+    # Per-channel normalisation of [0, 1] pixels (the image processor's; CLIP's by default).
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
 
 @dataclass
@@ -197,6 +201,9 @@ class CheckpointConfig:
     # HF model directory to start every branch from: converted once to RUN/hf_init, its
     # config.json fills model.*, its tokenizer and chat template are the run's.
     init_from_hf: str = ""
+    # Neither init_from nor init_from_hf: training starts from random weights, which
+    # `copd plan` and `copd train` refuse unless this says so (tiny models trained from scratch).
+    random_init: bool = False
     # never | required (`copd train --resume`: error without a checkpoint) | auto (`--resume=auto`:
     # continue from the newest complete step if there is one, else start fresh)
     resume: str = "never"
@@ -295,16 +302,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
     else:
         data = to_dict(Config())
-    given = set(data.get("model") or {}) if path is not None else set()
+    given = {f"{s}.{k}" for s in ("model", "vision") if isinstance(data.get(s), dict)
+             for k in data[s]} if path is not None else set()  # fmt: skip
     for ov in overrides or []:
         apply_override(data, ov)
         key = ov.split("=", 1)[0].strip()
-        given |= {key.split(".")[1]} if key.startswith("model.") else set()
+        given |= {".".join(key.split(".")[:2])} if key.startswith(("model.", "vision.")) else set()
     ck = data.get("checkpoint")
     if isinstance(ck, dict) and isinstance(ck.get("resume"), bool):  # the older boolean form
         ck["resume"] = "required" if ck["resume"] else "never"
     cfg = to_dataclass(data, Config)
-    if cfg.checkpoint.init_from_hf:  # model.* from the HF config.json (mismatches are errors)
+    if cfg.checkpoint.init_from_hf:  # model.*/vision.* from the HF files (mismatches are errors)
         apply_hf_model_config(cfg, given)
     validate(cfg)
     return cfg

@@ -102,10 +102,11 @@ def validate(cfg: Any) -> None:
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} and checkpoint.init_from_hf="
             f"{cfg.checkpoint.init_from_hf!r} are both set; keep one"
         )
-    if cfg.checkpoint.init_from_hf and cfg.vision.enabled:
+    v = cfg.vision
+    if len(v.image_mean) != 3 or len(v.image_std) != 3 or min(v.image_std) <= 0:
         raise ConfigError(
-            "checkpoint.init_from_hf with vision.enabled=true: import the LLaVA model with "
-            "`copd import-hf` and start from it with checkpoint.init_from"
+            f"vision.image_mean={v.image_mean} / vision.image_std={v.image_std}: give three "
+            "channels each, std > 0"
         )
     if not cfg.branches:
         raise ConfigError("branches: configure at least one branch")

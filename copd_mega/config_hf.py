@@ -1,15 +1,7 @@
-"""``model.*`` from the ``config.json`` of ``checkpoint.init_from_hf``: the user writes no model
-shape that the HF config already states.
+"""The ``config.json`` of an HF text model (Llama, Qwen2, Qwen3 dense) as ``model.*`` fields.
 
-:func:`apply_hf_model_config` runs inside ``config.load_config`` (before validation), so every
-command that loads a config (``copd plan``, ``copd train``, ``copd eval``) sees the same model.
-A ``model.*`` key the user gave explicitly (in the YAML file or as an override) must agree with
-the HF config; a disagreement is a ConfigError naming the key, both values and the file.
-``model.max_seq_length`` may be lowered below ``max_position_embeddings`` (it is a length limit);
-``model.pad_vocab_to`` and ``model.dtype`` are not stated by HF and stay as configured.
-
-A saved config (``config.yaml`` beside every checkpoint) states every model key, so it also loads
-once the HF directory is gone; a config that relies on the HF directory for its shape needs it.
+``copd_mega.config_hf_dir.apply_hf_model_config`` fills a run's ``model.*`` from it
+(``checkpoint.init_from_hf``); ``copd_mega.config_llava`` reads a LLaVA's ``text_config`` with it.
 
 :func:`hf_model_fields` is the one reading of an HF ``config.json`` (Llama, Qwen2, Qwen3 dense):
 ``copd import-hf`` builds its ``ModelConfig`` from the same fields
@@ -18,12 +10,8 @@ once the HF directory is gone; a config that relies on the HF directory for its 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
-
-from copd_mega.config_tree import ConfigError
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -95,46 +83,3 @@ def hf_model_fields(d: dict[str, Any], where: Path) -> dict[str, Any]:
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         init_std=float(d.get("initializer_range", 0.02)),
     )
-
-
-def _same(key: str, given, hf: dict[str, Any]) -> bool:
-    if key == "head_dim":  # 0 means hidden_size / heads: compare the channels per head
-        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-        return (given or hidden // heads) == (hf["head_dim"] or hidden // heads)
-    return given == hf[key]
-
-
-def apply_hf_model_config(cfg: Any, given: set[str]) -> None:
-    """Fill ``cfg.model`` (a ``Config``'s) in place from ``cfg.checkpoint.init_from_hf``/config.json.
-
-    ``given``: the ``model.*`` field names the user set explicitly. Raises ConfigError for an
-    unreadable or unsupported HF config and for an explicit key that disagrees with it.
-    """
-    where = Path(cfg.checkpoint.init_from_hf) / "config.json"
-    if not where.is_file():
-        if set(HF_STATED) | {"max_seq_length"} <= given:  # a saved, fully resolved config
-            return
-        raise ConfigError(
-            f"checkpoint.init_from_hf={cfg.checkpoint.init_from_hf!r}: no {where}; point it at "
-            "a Hugging Face model directory (config.json, safetensors, tokenizer)"
-        )
-    try:
-        hf = hf_model_fields(json.loads(where.read_text()), where)
-    except (UnsupportedHFModel, KeyError, ValueError) as e:
-        raise ConfigError(f"checkpoint.init_from_hf: {e}") from e
-    m = cfg.model
-    for key in HF_STATED:
-        if key in given and not _same(key, getattr(m, key), hf):
-            raise ConfigError(
-                f"model.{key}={getattr(m, key)!r} but {where} states {hf[key]!r}; "
-                f"remove model.{key} from the config (it is read from the HF model)"
-            )
-    limit = hf["max_seq_length"]
-    if "max_seq_length" in given and m.max_seq_length > limit:
-        raise ConfigError(
-            f"model.max_seq_length={m.max_seq_length} exceeds max_position_embeddings={limit} "
-            f"in {where}; lower model.max_seq_length or remove it"
-        )
-    if "max_seq_length" in given:
-        hf["max_seq_length"] = m.max_seq_length
-    cfg.model = dataclasses.replace(m, **hf)  # pad_vocab_to and dtype stay as configured

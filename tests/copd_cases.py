@@ -82,7 +82,7 @@ def run_mode(rank: int, overrides: list[str]):
     from copd_mega.config import load_config
     from copd_mega.trainer.train import train
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, ["checkpoint.random_init=true", *overrides])
     table = train(cfg)
     return table if dist.get_rank() == 0 else None
 
@@ -95,7 +95,7 @@ def update_case(rank: int, overrides: list[str]):
     from copd_mega.trainer.job import build_job
     from copd_mega.trainer.train import update
 
-    job = build_job(load_config(None, overrides))
+    job = build_job(load_config(None, ["checkpoint.random_init=true", *overrides]))
     loss_fn = make_loss_fn(job.cfg, job.rt.topo, job.edges)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 100, (4, 10), generator=g)

@@ -16,11 +16,15 @@ def tokenizer_ids() -> dict[str, int]:
     return special_ids(build_tokenizer())
 
 
-def make_hf_llava(seed: int = 0, tied: bool = False, feature_layer: int = -1, layers: int = 2):
+def make_hf_llava(
+    seed: int = 0, tied: bool = False, feature_layer: int = -1, layers: int = 2,
+    vocab_size: int = 101, image_token: int | None = None, post_norm: bool = False,
+):  # fmt: skip
     """A tiny random ``LlavaForConditionalGeneration`` (fp32, eager): CLIP 32x32/patch 8, Llama
-    with GQA (4 heads, 2 KV heads), vocabulary = the product tokenizer's 101 entries. Every
-    weight is perturbed (norms and biases too) except CLIP's post-norm, which LLaVA never reads
-    and the Megatron model does not have (it stays the identity)."""
+    with GQA (4 heads, 2 KV heads), vocabulary = the product tokenizer's 101 entries (or
+    ``vocab_size`` with ``image_token``). Every weight is perturbed (norms and biases too)
+    except CLIP's post-norm, which LLaVA never reads and the Megatron model does not have (it
+    stays the identity unless ``post_norm``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration as Llava
 
@@ -29,12 +33,13 @@ def make_hf_llava(seed: int = 0, tied: bool = False, feature_layer: int = -1, la
         image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
     )  # fmt: skip
     text = LlamaConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         rms_norm_eps=1e-5, tie_word_embeddings=tied,
     )  # fmt: skip
     cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer_ids()["image"],
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer_ids()["image"] if image_token is None else image_token,
         vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
         tie_word_embeddings=tied,
     )  # fmt: skip
@@ -42,7 +47,7 @@ def make_hf_llava(seed: int = 0, tied: bool = False, feature_layer: int = -1, la
     model = Llava._from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "post_layernorm" not in name:
+            if post_norm or "post_layernorm" not in name:
                 p.add_(torch.randn_like(p) * 0.05)
     return model
 
@@ -193,3 +198,98 @@ def imported_logits_worker(rank: int, ckpt: str) -> list[torch.Tensor]:
     model = build_vlm(cfg, topo).eval()
     load_model(ckpt, model, topo)
     return _vlm_logits(model, cfg, topo)
+
+
+# ----------------------------------------------------------------------------- an HF LLaVA dir
+
+# LLaVA-1.5's chat template (llava-hf): "USER: <image>\n<text> ASSISTANT:", the list form of
+# message content, one "<image>\n" per image part.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# An image processor that is not CLIP's normalisation, so a run that ignored it would differ.
+IMAGE_MEAN, IMAGE_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def make_llava_tokenizer(out: Path):
+    """A byte-level BPE tokenizer trained on the built-in image/video prompts, Llama-style:
+    ``<s>`` added in front by default, ``</s>`` ends a turn, ``<image>`` a special token, and
+    the LLaVA-1.5 chat template. Saved under ``out``; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from copd_mega.data.synthetic import make_samples
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    corpus = ["USER: ASSISTANT: You are a careful solver.\n"]
+    for name in ("image", "video"):
+        corpus += [
+            t for s in make_samples(name, "train", 7, 100) for t in (s["prompt"], s["answer"])
+        ]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", chat_template=LLAVA_TEMPLATE, clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+    hf.save_pretrained(str(out))
+    return hf
+
+
+def make_llava_dir(out: Path, seed: int = 0) -> Path:
+    """An HF LLaVA directory as released ones are laid out: a 3-layer CLIP tower read at
+    ``vision_feature_layer=-2`` (its last layer unused, as in LLaVA-1.5) with a non-identity
+    post-norm, the tokenizer above, ``preprocessor_config.json`` with its own mean/std."""
+    from transformers import CLIPImageProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_llava_tokenizer(out)
+    image = tok.convert_tokens_to_ids("<image>")
+    model = make_hf_llava(seed=seed, feature_layer=-2, layers=3, vocab_size=len(tok),
+                          image_token=image, post_norm=True)  # fmt: skip
+    model.save_pretrained(str(out))
+    CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": IMAGE_SIZE}, resample=2, do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+    ).save_pretrained(str(out))  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def checkpoint_logits_worker(rank: int, ckpt: str, overrides: list[str], ids, media):
+    """TP1 full-vocabulary logits ``[combined_len, vocab]`` of the VLM checkpoint ``ckpt`` on
+    one prompt (``ids`` with one ``<image>`` per medium of ``media``)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from copd_mega.ckpt.checkpoint import load_model
+    from copd_mega.config import load_config
+    from copd_mega.models.vlm import build_vlm, prepare_inputs
+    from copd_mega.parallel.dist import init_distributed
+    from copd_mega.parallel.topology import build_topology
+
+    cfg = load_config(Path(ckpt) / "config.yaml", overrides)
+    init_distributed()
+    topo = build_topology(cfg)
+    model = build_vlm(cfg, topo).eval()
+    load_model(ckpt, model, topo)
+    batch = prepare_inputs(cfg, [ids], [media], cfg.vision.image_token_index)
+    out, _ = model(**batch.forward_kwargs())
+    full = gather_from_tensor_model_parallel_region(out, group=topo.pg.tp)
+    return full[0, :, : cfg.model.vocab_size]

@@ -68,7 +68,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def write_config(path: Path, overrides: list[str]) -> Path:
     from copd_mega.config import load_config, save_config
 
-    save_config(load_config(None, overrides), path)
+    save_config(load_config(None, ["checkpoint.random_init=true", *overrides]), path)
     return path
 
 

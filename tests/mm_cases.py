@@ -33,7 +33,7 @@ def mm_exchange(rank: int, overrides: list[str]) -> dict:
     from copd_mega.trainer.job import build_job
     from copd_mega.trainer.rollouts import rollout_peer
 
-    job = build_job(load_config(None, overrides))
+    job = build_job(load_config(None, ["checkpoint.random_init=true", *overrides]))
     topo, cfg, dev = job.rt.topo, job.cfg, job.rt.device
     perturb(job.bm, topo)
     me = job.name

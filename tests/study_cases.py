@@ -12,7 +12,7 @@ def train_from_file(rank: int, path: str, overrides: list[str]):
     from copd_mega.config import load_config
     from copd_mega.trainer.train import train
 
-    table = train(load_config(path, overrides))
+    table = train(load_config(path, ["checkpoint.random_init=true", *overrides]))
     return table if dist.get_rank() == 0 else None
 
 
@@ -27,7 +27,7 @@ def perturbed_start(rank: int, overrides: list[str]) -> None:
     from copd_mega.config import load_config
     from copd_mega.trainer.job import build_job, trainer_state
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, ["checkpoint.random_init=true", *overrides])
     job = build_job(cfg)
     perturb(job.bm, job.rt.topo)
     job.bm.optimizer.reload_model_params()  # the fp32 masters take the perturbed weights
@@ -45,7 +45,7 @@ def merged_eval_case(rank: int, overrides: list[str]) -> dict:
     from copd_mega.trainer.job import build_job
     from copd_mega.trainer.periodic_eval import merged_for_eval
 
-    job = build_job(load_config(None, overrides))
+    job = build_job(load_config(None, ["checkpoint.random_init=true", *overrides]))
     perturb(job.bm, job.rt.topo)
     job.bm.optimizer.reload_model_params()
     named = lambda: {n: p.detach().clone() for n, p in job.bm.model.named_parameters()}  # noqa: E731

@@ -38,6 +38,7 @@ CPU_OVERRIDES = [
     "rollout.max_batch_size=3", "grpo.group_size=2", "opd.prompts_per_peer=2",
     "opd.samples_per_prompt=1", "schedule.cycles=1", "schedule.rl_steps=1",
     "schedule.opd_steps=1", "checkpoint.every=0", "logging.wandb=disabled",
+    "checkpoint.init_from_hf=", "checkpoint.random_init=true",  # the tiny model: from scratch
 ]  # fmt: skip
 GPU_GB = ["--gpu-memory-gb", "80"]  # what the script's dry run checks by default
 JOB_TIMEOUT_S = 420

@@ -45,7 +45,7 @@ def grpo_step_on_images(rank: int, overrides: list[str]) -> dict:
     from copd_mega.trainer.rollouts import generate_rollouts
     from copd_mega.trainer.train import update
 
-    job = build_job(load_config(None, overrides))
+    job = build_job(load_config(None, ["checkpoint.random_init=true", *overrides]))
     cfg, g = job.cfg, job.cfg.grpo.group_size
     loss_fn = make_loss_fn(cfg, job.rt.topo, job.edges)
     samples = job.native.next_batch(cfg.rollout.prompts_per_step)

@@ -146,7 +146,12 @@ class SafetensorsDir:
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the :data:`TOKENIZER_FILES` present in ``src`` into ``dst``; returns their names."""
-    present = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    return copy_hf_files(src, dst, TOKENIZER_FILES)
+
+
+def copy_hf_files(src: str | Path, dst: str | Path, names: tuple[str, ...]) -> list[str]:
+    """Copy the files of ``names`` present in ``src`` into ``dst``; returns their names."""
+    present = [n for n in names if (Path(src) / n).is_file()]
     for name in present:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
     return present

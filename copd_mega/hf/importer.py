@@ -77,6 +77,13 @@ def _model_type(hf_dir: str) -> str | None:
         return None
 
 
+def import_model(hf_dir: str | Path, out: str | Path, **kwargs) -> Path:
+    """:func:`import_llava` for an HF LLaVA directory, :func:`import_hf` for a text model."""
+    if _model_type(str(hf_dir)) == "llava":
+        return import_llava(hf_dir, out, **kwargs)
+    return import_hf(hf_dir, out, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="copd import-hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
@@ -91,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             tp=args.tp, pad_vocab_to=args.pad_vocab_to, dtype=args.dtype,
             progress=not args.no_progress,
         )  # fmt: skip
-        if _model_type(args.hf) == "llava":
-            path = import_llava(args.hf, args.out, **kwargs)
-        else:
-            path = import_hf(args.hf, args.out, **kwargs)
+        path = import_model(args.hf, args.out, **kwargs)
     except (UnsupportedHFModel, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"copd import-hf: {e}")
         return 2

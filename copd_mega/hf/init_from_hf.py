@@ -1,12 +1,14 @@
 """``checkpoint.init_from_hf: DIR``: the HF model converted once per run, under ``RUN/hf_init``.
 
-Global rank 0 converts (``import_hf``) into ``RUN/hf_init.staging`` and renames it to
-``RUN/hf_init`` when complete, with ``hf_source.json`` (the source path and a digest of its
-``config.json`` and weight index) beside the weights; the other ranks wait at the caller's
-barrier. A later job on the same run (``--resume``, or a rerun) reuses it, also when the HF
-directory is gone; a cache made from a different model is an error, never silently reused.
-The checkpoint also carries the HF tokenizer files (:data:`TOKENIZER_FILES`, copied by
-``import_hf``), so the run's tokenizer, chat template and end-of-turn ids are read from it.
+Global rank 0 converts (``import_hf``, or ``import_llava`` for a LLaVA directory) into
+``RUN/hf_init.staging`` and renames it to ``RUN/hf_init`` when complete, with
+``hf_source.json`` (the source path and a digest of its ``config.json`` and weight index) beside
+the weights; the other ranks wait at the caller's barrier. A later job on the same run
+(``--resume``, or a rerun) reuses it, also when the HF directory is gone; a cache made from a
+different model is an error, never silently reused. The checkpoint also carries the HF
+tokenizer files (:data:`TOKENIZER_FILES`, copied by the import; a LLaVA's image processor files
+and ``hf_extra.safetensors`` too), so the run's tokenizer, chat template and end-of-turn ids are
+read from it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from copd_mega.config import Config, ConfigError
 from copd_mega.config_hf import UnsupportedHFModel
-from copd_mega.hf.importer import import_hf
+from copd_mega.hf.importer import import_model
 
 HF_INIT = "hf_init"
 SOURCE_FILE = "hf_source.json"
@@ -62,9 +64,9 @@ def prepare_hf_init(cfg: Config, progress: bool = False) -> Path:
     staging = cache.with_name(HF_INIT + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        import_hf(hf_dir, staging, tp=cfg.parallel.tp, pad_vocab_to=cfg.model.pad_vocab_to,
-                  progress=progress)  # fmt: skip
-    except (UnsupportedHFModel, FileNotFoundError, KeyError) as e:
+        import_model(hf_dir, staging, tp=cfg.parallel.tp, pad_vocab_to=cfg.model.pad_vocab_to,
+                     progress=progress)  # fmt: skip
+    except (UnsupportedHFModel, FileNotFoundError, KeyError, ValueError) as e:
         raise ConfigError(f"checkpoint.init_from_hf={str(hf_dir)!r}: {e}") from e
     source = {"path": str(hf_dir.resolve()), "digest": source_digest(hf_dir)}
     (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")

@@ -6,15 +6,21 @@ checkpoint (any TP split) or from a dict of its global tensors: ``config.json`` 
 ``vision_feature_layer=-1``, ``vision_feature_select_strategy="default"``: the last ViT layer's
 output without the class token and without post-norm, which is what megatron's LLaVA feeds the
 projector), safetensors shards with an index, ``generation_config.json``, the image processor
-(``preprocessor_config.json``: CLIP mean/std, resize and crop to ``vision.image_size``, bilinear
-like the data reader) and, when the checkpoint carries ``tokenizer.json``, the tokenizer and a
-``LlavaProcessor`` (so ``AutoProcessor`` loads and expands ``<image>`` to the image's tokens).
+(``preprocessor_config.json``: ``vision.image_mean/std``, resize and crop to
+``vision.image_size``, bilinear like the data reader) and, when the checkpoint carries
+``tokenizer.json``, the tokenizer and a ``LlavaProcessor`` (so ``AutoProcessor`` loads and
+expands ``<image>`` to the image's tokens). A checkpoint that came from an HF LLaVA carries what
+the import was given beyond the Megatron weights (``llava_extra``): the HF tokenizer and
+processor files (chat template) are copied back as they are, and the ViT layers above
+``vision_feature_layer`` and the post-norm are written back with that feature layer.
 
 :func:`import_llava` is the inverse: an HF LLaVA directory to a VLM model checkpoint plus its
-``config.yaml``. A ``vision_feature_layer`` other than -1 is imported by keeping only the ViT
-layers up to that one (the features are then the last kept layer's output, as HF computes them).
-What the Megatron model cannot express (another activation or norm epsilon in the ViT, the
-``full`` strategy, several feature layers, projector without bias) is refused with the field.
+``config.yaml`` (``config_llava``: shape, image token, the image processor's mean/std). A
+``vision_feature_layer`` other than -1 is imported by keeping only the ViT layers up to that one
+(the features are then the last kept layer's output, as HF computes them); the layers above it
+go to ``hf_extra.safetensors`` beside the weights. What the Megatron model cannot express
+(another activation or norm epsilon in the ViT, the ``full`` strategy, several feature layers,
+projector without bias) is refused with the field.
 
 CLI: ``python -m copd_mega.hf.llava export --ckpt M --out DIR`` and
 ``python -m copd_mega.hf.llava import --hf DIR --out M [--tp N]``.
@@ -34,17 +40,22 @@ from copd_mega.ckpt.checkpoint import CheckpointError
 from copd_mega.ckpt.offline import CheckpointReader, TensorSpec, write_checkpoint
 from copd_mega.config import Config, validate
 from copd_mega.config_hf import UnsupportedHFModel
+from copd_mega.config_llava import read_llava_config
 from copd_mega.data import tokenizer as tk
 from copd_mega.hf import llava_mapping as lm
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.hf_dir import (
     DTYPES,
+    TOKENIZER_FILES,
     SafetensorsDir,
     ShardWriter,
+    copy_hf_files,
+    copy_tokenizer_files,
     export_tokenizer,
     parse_size,
     staged_output,
 )
+from copd_mega.hf.llava_extra import PROCESSOR_FILES, Extra, load_extra, save_extra
 from copd_mega.models.gpt import padded_vocab_size
 from copd_mega.parallel.topology import check_vision_fits
 from copd_mega.report.progress import progress_bar
@@ -92,51 +103,72 @@ class _Renaming:
         self.writer.add(lm.file_name(self.component, name), tensor)
 
 
-def export_vision(reader, writer: ShardWriter, cfg: Config, dtype: torch.dtype) -> None:
-    """Stream the ViT (layer by layer) and the projector into ``writer``."""
+def export_vision(
+    reader, writer: ShardWriter, cfg: Config, dtype: torch.dtype, extra: Extra | None = None
+) -> None:
+    """Stream the ViT (layer by layer) and the projector into ``writer``; with ``extra`` its
+    post-norm and the unused layers above the feature layer as they were imported."""
     v = cfg.vision
+    carried = dict(extra.tensors) if extra is not None else {}
     keys = [lm.VIT + k for k in lm.VIT_SIMPLE] + [lm.CLASS_TOKEN]
     embed = {k: t.to(dtype) for k, t in reader.read(dict.fromkeys(keys)).items()}
     vision = _Renaming(writer, "vision")
     for name, t in lm.vit_embeddings_to_hf(embed).items():
-        vision.add(name, t)
+        vision.add(name, carried.pop(name, t).to(dtype))
     layer_keys = [k for k in reader.specs if k.startswith(lm.VIT_LAYERS)]
     for i in range(v.num_layers):
         got = reader.read({k: (i, i + 1) for k in layer_keys})
         layer = {k[len(lm.VIT_LAYERS) :]: t[0].to(dtype) for k, t in got.items()}
         for name, t in lm.vit_layer_to_hf(layer, i, v).items():
             vision.add(name, t)
+    for name, t in carried.items():  # the layers above vision_feature_layer
+        vision.add(name, t.to(dtype))
     proj = reader.read({lm.PROJ + k: None for k in lm.PROJ_SIMPLE})
     for key, name in lm.PROJ_SIMPLE.items():
         writer.add(lm.file_name("projector", name), proj[lm.PROJ + key].to(dtype))
 
 
-def _save_tokenizer(tokenizer_json: Path | None, out: Path) -> dict[str, int | None]:
-    """Save the tokenizer (``<image>`` registered as special for the product's); bos/eos/pad ids."""
+def _save_tokenizer(reader, out: Path) -> dict[str, int | None]:
+    """Save the tokenizer; bos/eos/pad ids. HF tokenizer files the checkpoint carries (a run
+    from ``checkpoint.init_from_hf``: chat template, generation config) are copied as they are;
+    else ``tokenizer.json`` is saved with ``<image>`` registered as special for the product's."""
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
-    if tokenizer_json is None:
+    path = getattr(reader, "path", None)
+    if path is not None and (path / "tokenizer_config.json").is_file():
+        copy_tokenizer_files(path, out)
+        tok = AutoTokenizer.from_pretrained(str(out))
+        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    if reader.tokenizer is None:
         return {}
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok = Tokenizer.from_file(str(reader.tokenizer))
     if all(tok.token_to_id(t) is not None for t in tk.SPECIAL_TOKENS):
-        tk.save_hf_tokenizer_files(tokenizer_json, out)
+        tk.save_hf_tokenizer_files(reader.tokenizer, out)
         return {r: i for r, i in tk.special_ids(tok).items() if r in ("bos", "eos", "pad")}
-    return export_tokenizer(tokenizer_json, out)
+    return export_tokenizer(reader.tokenizer, out)
 
 
-def _save_processor(cfg: Config, out: Path, has_tokenizer: bool) -> None:
-    """The image processor; with a tokenizer that has ``<image>``, a ``LlavaProcessor``."""
-    from transformers import AutoTokenizer, LlavaProcessor
+def _save_processor(reader, cfg: Config, out: Path, has_tokenizer: bool) -> None:
+    """The image processor (the carried ``preprocessor_config.json``, else CLIP's resize/crop
+    to ``vision.image_size`` with ``vision.image_mean/std``); with a tokenizer that has
+    ``<image>``, a ``LlavaProcessor``. Carried processor files are then put back as they were."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 
-    proc = lm.image_processor(cfg)
-    if not has_tokenizer:
+    path = getattr(reader, "path", None)
+    carried = path is not None and (path / PROCESSOR_FILES[0]).is_file()
+    proc = AutoImageProcessor.from_pretrained(str(path)) if carried else lm.image_processor(cfg)
+    if has_tokenizer:
+        LlavaProcessor(
+            image_processor=proc, tokenizer=AutoTokenizer.from_pretrained(str(out)),
+            patch_size=cfg.vision.patch_size, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+        ).save_pretrained(str(out))  # fmt: skip
+    else:
         proc.save_pretrained(str(out))
-        return
-    LlavaProcessor(
-        image_processor=proc, tokenizer=AutoTokenizer.from_pretrained(str(out)),
-        patch_size=cfg.vision.patch_size, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
-    ).save_pretrained(str(out))  # fmt: skip
+    hf_tokenizer = path is not None and (path / "tokenizer_config.json").is_file()
+    if path is not None:  # what came from an HF directory goes back as it was
+        copy_hf_files(path, out, (*(TOKENIZER_FILES if hf_tokenizer else ()), *PROCESSOR_FILES))
 
 
 def export_llava(
@@ -174,20 +206,23 @@ def export_llava(
             "no image token id: the checkpoint has no tokenizer.json with <image> and no "
             "vision.image_token_index in its config.yaml; pass --image-token-id to copd export-hf"
         )
+    extra = load_extra(getattr(reader, "path", None), cfg.vision.num_layers)
     with staged_output(Path(out)) as tmp:
-        token_ids = _save_tokenizer(reader.tokenizer, tmp)
+        token_ids = _save_tokenizer(reader, tmp)
         torch_dtype = DTYPES[dtype] if dtype else reader.specs[lm.LM + mp.EMBEDDING].dtype
         numel = sum(int(torch.Size(s.shape).numel()) for s in reader.specs.values())
         with progress_bar("export", numel * torch_dtype.itemsize, progress) as advance:
             writer = ShardWriter(tmp, max_shard_bytes, advance)
             mp.export_tensors(_Prefixed(reader, cfg), _Renaming(writer, "text"), torch_dtype)
-            export_vision(reader, writer, cfg, torch_dtype)
+            export_vision(reader, writer, cfg, torch_dtype, extra)
             writer.finish()
         name = str(torch_dtype).removeprefix("torch.")
-        lm.llava_config(cfg, name, token_ids, image_token_id).save_pretrained(str(tmp))
-        gen = {f"{r}_token_id": i for r, i in token_ids.items() if i is not None}
-        GenerationConfig(**gen).save_pretrained(str(tmp))
-        _save_processor(cfg, tmp, has_tokenizer=tok_image is not None)
+        tower = (extra.vision_layers, extra.feature_layer) if extra else (cfg.vision.num_layers, -1)
+        lm.llava_config(cfg, name, token_ids, image_token_id, *tower).save_pretrained(str(tmp))
+        if not (tmp / "generation_config.json").is_file():
+            gen = {f"{r}_token_id": i for r, i in token_ids.items() if i is not None}
+            GenerationConfig(**gen).save_pretrained(str(tmp))
+        _save_processor(reader, cfg, tmp, has_tokenizer=tok_image is not None)
     return Path(out)
 
 
@@ -281,30 +316,34 @@ def import_llava(
 
     Loads at any TP split; ``tp`` only sets the vocabulary padding (``pad_vocab_to * tp``).
     """
-    from transformers import AutoConfig
-
     hf_dir = Path(hf_dir)
     where = hf_dir / "config.json"
     if not where.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json; point --hf at an HF LLaVA directory")
-    kind = json.loads(where.read_text()).get("model_type")
-    if kind != "llava":
-        raise lm.refuse(where, "model_type", kind, "llava; text models go through copd import-hf")
-    hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
-    cfg = lm.vlm_config_from_hf(hf_cfg, where, pad_vocab_to)
+    d = json.loads(where.read_text())
+    if d.get("model_type") != "llava":
+        raise lm.refuse(where, "model_type", d.get("model_type"),
+                        "llava; text models go through copd import-hf")  # fmt: skip
+    cfg = lm.vlm_config_from_dir(hf_dir, pad_vocab_to)
     cfg.parallel.tp = tp
     cfg.opd.top_k = min(cfg.opd.top_k, cfg.model.vocab_size)
     validate(cfg)
     check_vision_fits(cfg)
     hf = LlavaTensors(hf_dir)
     _check_text(hf, cfg)
-    tokenizer = _image_token_check(hf_dir, getattr(hf_cfg, "image_token_id", None))
+    image_token = cfg.vision.image_token_index
+    tokenizer = _image_token_check(hf_dir, None if image_token < 0 else image_token)
     torch_dtype = DTYPES[dtype] if dtype else hf.get("text", mp.HF_NORM).dtype
     padded = padded_vocab_size(cfg.model.vocab_size, pad_vocab_to, tp)
-    return write_checkpoint(
+    path = write_checkpoint(
         out, lm.megatron_specs(cfg, padded, torch_dtype), make_vlm_producer(hf, cfg, torch_dtype),
         cfg, tokenizer=tokenizer, label="import", progress=progress,
     )  # fmt: skip
+    hf_cfg = read_llava_config(d)
+    save_extra(hf.get, path, cfg.vision.num_layers, hf_cfg.vision_config.num_hidden_layers,
+               hf_cfg.vision_feature_layer)  # fmt: skip
+    copy_hf_files(hf_dir, path, (*TOKENIZER_FILES, *PROCESSOR_FILES))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,10 @@ import torch
 
 from copd_mega.ckpt.offline import TensorSpec
 from copd_mega.config import Config, ModelConfig, VisionConfig
-from copd_mega.config_hf import UnsupportedHFModel
+from copd_mega.config_llava import llava_dir_fields, llava_fields, refuse  # noqa: F401
 from copd_mega.hf import mapping as mp
-from copd_mega.hf.families import hf_config, model_config_from_hf
-from copd_mega.models.vlm import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS, image_token_count
+from copd_mega.hf.families import hf_config
+from copd_mega.models.vlm import VIT_NORM_EPS, image_token_count
 
 LM, VIT, PROJ = "language_model.", "vision_model.", "vision_projection.encoder."
 VIT_LAYERS = VIT + "decoder.layers."
@@ -179,21 +179,25 @@ def non_layer_from_hf(get: HFGetter, key: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- configs
 
 
-def llava_config(cfg: Config, dtype: str, token_ids: dict, image_token_id: int):
-    """The ``LlavaConfig`` of ``cfg`` (text config as :func:`families.hf_config`)."""
+def llava_config(
+    cfg: Config, dtype: str, token_ids: dict, image_token_id: int, vision_layers: int = 0,
+    feature_layer: int = -1,
+):  # fmt: skip
+    """The ``LlavaConfig`` of ``cfg`` (text config as :func:`families.hf_config`); a tower of
+    ``vision_layers`` (default ``vision.num_layers``) read at ``feature_layer``."""
     from transformers import CLIPVisionConfig, LlavaConfig
 
     v = cfg.vision
     vision = CLIPVisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
-        num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
+        num_hidden_layers=vision_layers or v.num_layers, num_attention_heads=v.num_attention_heads,
         image_size=v.image_size, patch_size=v.patch_size, num_channels=3,
         hidden_act="quick_gelu", layer_norm_eps=VIT_NORM_EPS, projection_dim=v.hidden_size,
     )  # fmt: skip
     return LlavaConfig(
         vision_config=vision, text_config=hf_config(cfg.model, dtype, token_ids),
         image_token_index=image_token_id, image_seq_length=image_token_count(cfg),
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", multimodal_projector_bias=True,
         tie_word_embeddings=cfg.model.tie_embeddings, architectures=["LlavaForConditionalGeneration"],
         dtype=dtype,
@@ -208,53 +212,26 @@ def image_processor(cfg: Config):
     return CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": size}, resample=2,  # bilinear, as data.media
         do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
-        rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD), do_convert_rgb=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg.vision.image_mean),
+        image_std=list(cfg.vision.image_std), do_convert_rgb=True,
     )  # fmt: skip
-
-
-def refuse(where: Path, field: str, value, supported: str) -> UnsupportedHFModel:
-    """The error for an HF setting the Megatron model cannot express."""
-    return UnsupportedHFModel(f"{where}: {field}={value!r} is not supported ({supported})")
-
-
-def kept_vision_layers(feature_layer, num_layers: int, where: Path) -> int:
-    """ViT layers up to HF's ``vision_feature_layer`` (its ``hidden_states`` index)."""
-    if not isinstance(feature_layer, int):
-        raise refuse(where, "vision_feature_layer", feature_layer, "one layer index")
-    kept = num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
-    if not 1 <= kept <= num_layers:
-        supported = f"a layer 1..{num_layers} or -1..-{num_layers}"
-        raise refuse(where, "vision_feature_layer", feature_layer, supported)
-    return kept
 
 
 def vlm_config_from_hf(hf_cfg, where: Path, pad_vocab_to: int = 8) -> Config:
-    """``Config`` (``model.*`` and ``vision.*``) of a transformers ``LlavaConfig``."""
-    vc, tc = hf_cfg.vision_config, hf_cfg.text_config
-    checks = [
-        ("vision_config.model_type", vc.model_type, "clip_vision_model", "a CLIP vision tower"),
-        ("vision_config.hidden_act", vc.hidden_act, "quick_gelu", "quick_gelu"),
-        ("vision_config.layer_norm_eps", vc.layer_norm_eps, VIT_NORM_EPS, f"{VIT_NORM_EPS}"),
-        ("vision_config.num_channels", vc.num_channels, 3, "RGB"),
-        ("projector_hidden_act", hf_cfg.projector_hidden_act, "gelu", "gelu"),
-        ("multimodal_projector_bias", hf_cfg.multimodal_projector_bias, True, "true"),
-        ("vision_feature_select_strategy", hf_cfg.vision_feature_select_strategy, "default",
-         "default: the class token is dropped"),
-    ]  # fmt: skip
-    for field, value, want, supported in checks:
-        if value != want:
-            raise refuse(where, field, value, supported)
+    """``Config`` (``model.*`` and ``vision.*``) of a transformers ``LlavaConfig``
+    (``config_llava.llava_fields``; normalisation: CLIP's, see :func:`vlm_config_from_dir`)."""
+    model, vision = llava_fields(hf_cfg, where)
     cfg = Config()
-    cfg.model = model_config_from_hf(tc.to_dict(), where, pad_vocab_to)
-    image_token = getattr(
-        hf_cfg, "image_token_id", None
-    )  # kept: export needs it without a tokenizer
-    cfg.vision = VisionConfig(
-        enabled=True, image_size=vc.image_size, patch_size=vc.patch_size,
-        num_layers=kept_vision_layers(hf_cfg.vision_feature_layer, vc.num_hidden_layers, where),
-        hidden_size=vc.hidden_size, ffn_hidden_size=vc.intermediate_size,
-        num_attention_heads=vc.num_attention_heads,
-        image_token_index=-1 if image_token is None else image_token,
-    )  # fmt: skip
+    cfg.model = ModelConfig(**model, pad_vocab_to=pad_vocab_to)
+    cfg.vision = VisionConfig(enabled=True, **vision)
+    return cfg
+
+
+def vlm_config_from_dir(hf_dir: Path, pad_vocab_to: int = 8) -> Config:
+    """``Config`` of an HF LLaVA directory: ``config.json`` and the image processor's
+    normalisation (``preprocessor_config.json``)."""
+    model, vision = llava_dir_fields(hf_dir)
+    cfg = Config()
+    cfg.model = ModelConfig(**model, pad_vocab_to=pad_vocab_to)
+    cfg.vision = VisionConfig(enabled=True, **vision)
     return cfg

@@ -20,6 +20,8 @@ from copd_mega.data.reader import ShardReader
 from copd_mega.data.synthetic import CAPABILITIES
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
 from copd_mega.hf.init_from_hf import hf_init_dir, prepare_hf_init
+from copd_mega.hf.llava import IMAGE_TOKEN
+from copd_mega.models.vlm import with_placeholders
 from copd_mega.parallel import comm
 
 
@@ -162,9 +164,11 @@ class PromptCodec:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """``[bos] + ids(template.format(prompt=prompt))``."""
-        return [self.bos] + self.tok.encode(self.template.format(prompt=prompt)).ids
+    def prompt_ids(self, prompt: str, num_media: int = 0) -> list[int]:
+        """``[bos] + ids(template.format(prompt=prompt))``, with one ``<image>`` per medium
+        after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`)."""
+        ids = [self.bos] + self.tok.encode(self.template.format(prompt=prompt)).ids
+        return with_placeholders(ids, num_media, self.image, self.bos) if num_media else ids
 
     def answer_ids(self, answer: str) -> list[int]:
         """``ids(answer) + [eos]``: the target of supervised pretraining."""
@@ -189,9 +193,7 @@ class ChatCodec:
     ``generation_config.json``'s ``eos_token_id``): a response ends at any of them.
     """
 
-    image = None  # no vision model on this path (config validation refuses it)
-
-    def __init__(self, hf_dir: str | Path, data: DataConfig) -> None:
+    def __init__(self, hf_dir: str | Path, data: DataConfig, vision: bool = False) -> None:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         self.hf_dir = Path(hf_dir)
@@ -212,23 +214,51 @@ class ChatCodec:
         self.bos = self.tok.bos_token_id
         self.template, self.system = data.prompt_template, data.system_prompt
         self.thinking = data.enable_thinking
+        if self.tok.chat_template is None and (self.hf_dir / "chat_template.json").is_file():
+            template = json.loads((self.hf_dir / "chat_template.json").read_text())
+            self.tok.chat_template = template.get("chat_template")  # a processor's (LLaVA)
         self.chat = data.chat_template and self.tok.chat_template is not None
+        self.vision, self.image = vision, None
+        if vision:
+            self.image = image_token_id(self.tok, self.hf_dir)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tok)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The rendered prompt's ids (ending with the assistant turn's opening)."""
+    def prompt_ids(self, prompt: str, num_media: int = 0) -> list[int]:
+        """The rendered prompt's ids (ending with the assistant turn's opening).
+
+        A vision-language model's user turn is the list form HF processors render
+        (``[{"type": "image"}] * num_media + [{"type": "text", ...}]``), so the template puts
+        one ``<image>`` per medium where the model was trained to see it; the ids start with
+        ``<bos>`` when the tokenizer adds one (as ``LlavaProcessor`` tokenises).
+        """
         content = self.template.format(prompt=prompt)
         if not self.chat:
-            return self.tok(content)["input_ids"]
-        turns = [{"role": "system", "content": self.system}] if self.system else []
+            text = f"{IMAGE_TOKEN}\n" * num_media + content
+            return self.tok(text)["input_ids"]
+        if self.vision:
+            parts = [{"type": "image"}] * num_media + [{"type": "text", "text": content}]
+            system = [{"type": "text", "text": self.system}]
+        else:
+            parts, system = content, self.system
+        turns = [{"role": "system", "content": system}] if self.system else []
         text = self.tok.apply_chat_template(
-            turns + [{"role": "user", "content": content}], tokenize=False,
+            turns + [{"role": "user", "content": parts}], tokenize=False,
             add_generation_prompt=True, enable_thinking=self.thinking,
         )  # fmt: skip
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        adds_bos = self.bos is not None and self.tok("a")["input_ids"][:1] == [self.bos]
+        if self.vision and adds_bos and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids
+        if self.vision and ids.count(self.image) != num_media:
+            raise ConfigError(
+                f"{self.hf_dir}: the chat template rendered {ids.count(self.image)} "
+                f"{IMAGE_TOKEN} tokens for {num_media} media; it must render one per "
+                '{"type": "image"} part (set data.chat_template=false to skip it)'
+            )
+        return ids
 
     def answer_ids(self, answer: str) -> list[int]:
         """``ids(answer) + [end of turn]``: the target of supervised training."""
@@ -255,9 +285,20 @@ def end_ids(tok, hf_dir: Path) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def image_token_id(tok, hf_dir: Path) -> int:
+    """The id of the tokenizer's ``<image>`` (a LLaVA's image token)."""
+    ids = tok.convert_tokens_to_ids([IMAGE_TOKEN])
+    if not ids or ids[0] is None or ids[0] == tok.unk_token_id:
+        raise ConfigError(
+            f"{hf_dir}: the tokenizer has no {IMAGE_TOKEN} token; a vision-language model's "
+            "tokenizer must mark images with it (add it as a special token)"
+        )
+    return ids[0]
+
+
 def make_codec(cfg: Config, tok_path: Path) -> PromptCodec | ChatCodec:
     """The run's codec: the HF model's tokenizer with ``checkpoint.init_from_hf`` (``tok_path``
     is then its directory, from :func:`prepare_data`), the character tokenizer otherwise."""
     if cfg.checkpoint.init_from_hf:
-        return ChatCodec(tok_path, cfg.data)
+        return ChatCodec(tok_path, cfg.data, cfg.vision.enabled)
     return PromptCodec(tok_path, cfg.data.prompt_template)

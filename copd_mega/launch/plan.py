@@ -18,7 +18,7 @@ from copd_mega.config import Config, ConfigError, load_config
 from copd_mega.launch.memory import GIB, fit_error, memory_parts, stage_params, vision_params
 from copd_mega.launch.predict import add_args as add_predict_args
 from copd_mega.launch.predict import format_generation
-from copd_mega.launch.validate import validate_job
+from copd_mega.launch.validate import start_line, validate_job
 from copd_mega.models.gpt import count_parameters
 from copd_mega.parallel.topology import Layout
 
@@ -62,6 +62,7 @@ def format_layout(cfg: Config, layout: Layout) -> str:
     lines = [
         f"copd-mega layout: world {layout.world_size} = {len(layout.branches)} branches x "
         f"(TP{p.tp} x PP{p.pp} x DP{p.dp} = {layout.ranks_per_branch} ranks)",
+        start_line(cfg),
         f"mode {cfg.schedule.mode}, teaching graph {cfg.teaching.graph}"
         + (f" (hub {cfg.teaching.hub})" if cfg.teaching.graph == "hub_spoke" else ""),
         f"model {cfg.model.family}: {_human(params)} parameters"

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
+from copd_mega.config_hf_dir import hf_dir_present
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
 from copd_mega.data.tokenizer import build_tokenizer
 from copd_mega.hf.init_from_hf import hf_init_dir
@@ -38,7 +39,39 @@ def validate_job(cfg: Config, world_size: int) -> Layout:
     check_media(cfg)
     check_lengths(cfg)
     check_builtin_tokenizer(cfg)
+    check_start(cfg)
     return layout
+
+
+def check_start(cfg: Config) -> None:
+    """A run starts from a model (``checkpoint.init_from``/``init_from_hf``) or says it trains
+    from random weights (``checkpoint.random_init``): a large model from random weights earns
+    reward 0 in every group, so every advantage is 0 and nothing is learned."""
+    c = cfg.checkpoint
+    if c.init_from or c.init_from_hf or c.random_init:
+        return
+    raise ConfigError(
+        "neither checkpoint.init_from nor checkpoint.init_from_hf is set, so the run would start "
+        "from random weights: set checkpoint.init_from_hf to an HF model directory, or "
+        "checkpoint.init_from to a model checkpoint (e.g. RUN/base from `copd pretrain`), or "
+        "checkpoint.random_init=true to train from scratch on purpose"
+    )
+
+
+def start_line(cfg: Config) -> str:
+    """What the run starts from, for ``copd plan`` and the start-up banner."""
+    c = cfg.checkpoint
+    if c.init_from_hf:
+        kind = "LLaVA" if cfg.vision.enabled else cfg.model.family
+        if hf_dir_present(cfg):
+            return f"starts from HF model {c.init_from_hf} ({kind})"
+        return (
+            f"starts from HF model {c.init_from_hf} ({kind}); not present here: shape from the "
+            "config (checked against its config.json where it is present)"
+        )
+    if c.init_from:
+        return f"starts from checkpoint {c.init_from}"
+    return "starts from random weights (checkpoint.random_init=true)"
 
 
 def schedule_plan(cfg: Config, edges: list[tuple[str, str]]) -> list[StepPlan]:
@@ -106,23 +139,24 @@ def prompt_positions_bound(cfg: Config) -> int:
     media = {"image": 1, "video": cfg.vision.frames_per_video}
     longest = 0
     for c in caps:
-        n = count(longest_prompt(c))
-        if cfg.vision.enabled and c in media:
-            n += media[c] * image_token_count(cfg)
+        k = 1 if cfg.vision.enabled and c in media else 0  # one medium (an image or a video)
+        n = count(longest_prompt(c), k) + k * media.get(c, 0) * image_token_count(cfg)
         longest = max(longest, n)
     return longest
 
 
 def _prompt_counter(cfg: Config):
-    """``prompt -> model positions`` as the run renders it: the HF model's chat template with
-    ``checkpoint.init_from_hf`` (its directory, or the run's converted copy once the source is
-    gone), else ``<bos>`` + the built-in character tokenizer under ``data.prompt_template``."""
+    """``(prompt, media) -> text positions`` (the ``<image>`` slots not counted) as the run
+    renders it: the HF model's chat template with ``checkpoint.init_from_hf`` (its directory, or
+    the run's converted copy once the source is gone), else ``<bos>`` + the built-in character
+    tokenizer under ``data.prompt_template``."""
     if cfg.checkpoint.init_from_hf:
         src = Path(cfg.checkpoint.init_from_hf)
-        codec = ChatCodec(src if src.is_dir() else hf_init_dir(cfg), cfg.data)
-        return lambda prompt: len(codec.prompt_ids(prompt))
+        codec = ChatCodec(src if src.is_dir() else hf_init_dir(cfg), cfg.data, cfg.vision.enabled)
+        return lambda prompt, k: len(codec.prompt_ids(prompt, k)) - k
     tok = build_tokenizer()
-    return lambda prompt: 1 + len(tok.encode(cfg.data.prompt_template.format(prompt=prompt)).ids)
+    template = cfg.data.prompt_template
+    return lambda prompt, k: 1 + len(tok.encode(template.format(prompt=prompt)).ids)
 
 
 def check_lengths(cfg: Config) -> None:

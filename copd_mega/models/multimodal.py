@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError
-from copd_mega.models.vlm import VLMBatch, prepare_inputs, with_placeholders
+from copd_mega.models.vlm import VLMBatch, prepare_inputs
 
 
 @dataclass
@@ -99,19 +99,18 @@ def sample_media(sample: dict) -> list[Tensor]:
 
 
 def prompt_with_media(codec, sample: dict, vision: bool) -> tuple[list[int], list[Tensor]]:
-    """``(prompt ids, media)`` of a sample: one ``<image>`` per medium after ``<bos>``.
+    """``(prompt ids, media)`` of a sample: one ``<image>`` per medium where the codec puts it
+    (after ``<bos>``; an HF chat template's image parts in the user turn).
 
     Raises ConfigError when a sample has media but ``vision.enabled`` is false.
     """
-    ids, media = codec.prompt_ids(sample["prompt"]), sample_media(sample)
-    if not media:
-        return ids, []
-    if not vision:
+    media = sample_media(sample)
+    if media and not vision:
         raise ConfigError(
             f"a {sample.get('capability', '?')!r} sample carries images/video but "
             "vision.enabled=false; set vision.enabled=true to train on media"
         )
-    return with_placeholders(ids, len(media), codec.image, codec.bos), media
+    return codec.prompt_ids(sample["prompt"], len(media)), media
 
 
 def prompts_and_media(

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from copd_mega.config import Config
+from copd_mega.config_llava import CLIP_MEAN, CLIP_STD, VIT_NORM_EPS
 from copd_mega.models.gpt import (
     compute_dtype,
     global_param_names,
@@ -50,9 +51,6 @@ from copd_mega.models.gpt import (
 from copd_mega.parallel.topology import Topology, check_vision_fits
 
 PLACEHOLDER = -200  # megatron's image position id inside input_ids (DEFAULT_IMAGE_TOKEN_INDEX)
-VIT_NORM_EPS = 1e-5  # CLIP's layer_norm_eps
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def image_token_count(cfg: Config) -> int:
@@ -292,10 +290,11 @@ class VLMBatch:
         )  # fmt: skip
 
 
-def normalize_images(pixels: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1] -> CLIP-normalised (``(x - mean) / std`` per channel)."""
-    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=pixels.dtype).view(1, 3, 1, 1)
+def normalize_images(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] -> ``(x - mean) / std`` per channel (``vision.image_mean``/
+    ``image_std``: the image processor's; CLIP's by default)."""
+    mean = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
@@ -378,7 +377,9 @@ def prepare_inputs(
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return VLMBatch(
-        images=normalize_images(pixels).to(device=dev, dtype=compute_dtype(cfg)),
+        images=normalize_images(pixels, cfg.vision.image_mean, cfg.vision.image_std).to(
+            device=dev, dtype=compute_dtype(cfg)
+        ),
         num_image_tiles=torch.tensor(counts, dtype=torch.int32, device=dev),
         input_ids=ids.to(dev),
         position_ids=torch.arange(seq, device=dev).unsqueeze(0).expand(len(prompts), seq),

@@ -27,8 +27,9 @@ from copd_mega.ckpt.checkpoint import (
 )
 from copd_mega.config import Config, to_dict
 from copd_mega.data.reader import ShardReader
-from copd_mega.hf.hf_dir import copy_tokenizer_files
+from copd_mega.hf.hf_dir import copy_hf_files
 from copd_mega.hf.init_from_hf import hf_init_dir
+from copd_mega.hf.llava_extra import CARRIED_FILES
 from copd_mega.launch.datasets import ChatCodec, capabilities_of, make_reader
 from copd_mega.launch.runtime import Runtime, start
 from copd_mega.launch.validate import schedule_plan, validate_job
@@ -261,8 +262,9 @@ def write_eval(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
 def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:
     """Model-only checkpoint of ``branch`` (default: this job's first branch) under RUN/final.
 
-    With an HF tokenizer its files (chat template, generation config) go beside the weights, so
-    ``copd export-hf`` gives the model back with them."""
+    With an HF tokenizer its files (chat template, generation config; for a LLaVA the image
+    processor and the ViT layers the model does not use, ``hf.llava_extra``) go beside the
+    weights, so ``copd export-hf`` gives the model back with them."""
     path = Path(job.cfg.run_dir) / "final" / sub
     branch = branch or job.cfg.branch_names[0]
     topo = job.rt.topo
@@ -270,5 +272,5 @@ def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:
     # save_model returns on the writing branch once the folder is in place (other ranks at once)
     writer = topo.branch.name == branch and topo.rank == topo.branch.first_rank
     if isinstance(job.rt.codec, ChatCodec) and writer:
-        copy_tokenizer_files(job.rt.codec.hf_dir, path)
+        copy_hf_files(job.rt.codec.hf_dir, path, CARRIED_FILES)  # tokenizer, processor, ViT
     return path
