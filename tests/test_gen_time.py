@@ -121,10 +121,11 @@ def _plan(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_plan_prints_generation_per_engine_with_its_assumptions(capsys):
-    code, out, _ = _plan(capsys, "--gpu", "h200", "--mean-response-tokens", "4000")
+    code, out, _ = _plan(capsys, "--gpu", "h200", "--mean-response-tokens", "1000")
     assert code == 0
     assert "--gpu h200: H200 SXM 141GB, 989 TFLOP/s bf16 dense, 4.8 TB/s HBM" in out
-    assert "responses 12288 tokens at most, 4000 on average" in out
+    max_new = load_config(REPO / "configs/copd_8branch.yaml").rollout.max_new_tokens
+    assert f"responses {max_new} tokens at most, 1000 on average" in out
     assert "megatron: one sampler per DP replica: TP4" in out and "micro-batches of 32 rows" in out
     assert "vllm: 1 engine(s) per DP replica of TP4" in out
     assert out.count("assumes prefill") == 2 and out.count("rl step (x300)") == 2
