@@ -1,0 +1,97 @@
+"""The CPU's numbers for the step model (``copd plan --predict --gpu cpu``), measured here and
+now on one thread: fp32 matmul FLOP/s, memory bandwidth (a large copy), the fixed cost of one
+transformer layer's forward on one position, and the one-way time of a message between two
+local sockets.
+
+On a CPU a tiny model's step is made of fixed costs, not FLOPs, so the per-forward overhead
+the step model needs is counted in layers: a forward costs (``num_layers`` +
+:data:`LAYERS_OUTSIDE`) x the measured layer (``torch.nn.TransformerEncoderLayer`` of the
+model's hidden, heads and ffn on its unfused path, one row of one position: nearly all Python
+and dispatch), where :data:`LAYERS_OUTSIDE` (an assumption) stands for the embedding, final
+norm, output layer and log-softmax or sampling outside the layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import torch
+
+from copd_mega.launch.gen_time import Engine
+from copd_mega.launch.hardware import Hardware
+from copd_mega.launch.step_time import Assume
+
+LAYERS_OUTSIDE = 1
+
+
+def _best(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timings of ``fn()`` (the least disturbed by other work)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_cpu(hidden: int, heads: int, ffn: int, repeats: int = 5) -> Hardware:
+    """This machine as a :class:`Hardware`: one core's numbers (``torch`` on one thread),
+    ``cores`` = the CPUs this process may use. Takes about a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = 512
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        flops = 2 * n**3 * 4 / _best(lambda: [a @ b for _ in range(4)], repeats)
+        big = torch.empty(16 * 2**20)  # 64 MiB of fp32
+        dst = torch.empty_like(big)
+        bw = 2 * big.numel() * 4 / _best(lambda: dst.copy_(big), repeats)
+        layer = torch.nn.TransformerEncoderLayer(hidden, heads, ffn, dropout=0.0).train()
+        x, calls = torch.randn(1, 1, hidden), 200
+        with torch.no_grad():  # train mode keeps the unfused path a Megatron layer takes
+            layer(x)
+            op_s = _best(lambda: [layer(x) for _ in range(calls)], repeats) / calls
+    finally:
+        torch.set_num_threads(threads)
+    left, right = socket.socketpair()
+    try:
+        msgs = 500
+
+        def ping() -> None:
+            for _ in range(msgs):
+                left.sendall(b"12345678")
+                right.recv(8)
+                right.sendall(b"12345678")
+                left.recv(8)
+
+        latency = _best(ping, repeats) / (2 * msgs)
+    finally:
+        left.close()
+        right.close()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return Hardware(
+        "this CPU (measured)", flops, bw, 0.0,
+        f"measured now: 512^3 fp32 matmul on 1 thread, 64 MiB copy, one layer's forward, "
+        f"socketpair ping-pong; {cores} cores shared by the ranks",
+        nvlink_bytes_per_s=bw, interconnect_bytes_per_s=bw, cores=cores or 1,
+        op_overhead_s=op_s, latency_s=latency,
+    )  # fmt: skip
+
+
+def cpu_costs(layers: int, hw: Hardware, engine: Engine, assume: Assume) -> tuple[Engine, Assume]:
+    """The engine and assumptions with their per-forward fixed costs counted in measured
+    layers (module docstring; ``hw.op_overhead_s`` holds the layer's time) and every efficiency 1 (the measured FLOP/s and bandwidth are what a
+    core reaches); for a CPU :class:`Hardware` from :func:`measure_cpu`."""
+    per_forward = (layers + LAYERS_OUTSIDE) * hw.op_overhead_s
+    engine = dataclasses.replace(
+        engine, forward_overhead_s=per_forward, prefill_mfu=1.0, decode_mfu=1.0,
+        decode_bw_eff=1.0,
+    )  # fmt: skip
+    assume = dataclasses.replace(
+        assume, pass_overhead_s=per_forward, train_mfu=1.0, score_mfu=1.0,
+        optimizer_bw_eff=1.0, net_eff=1.0, reward_row_s=assume.reward_row_s,
+    )  # fmt: skip
+    return engine, assume
