@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # 1 GFLOP/s, 1 GB/s memory, 100 kB/s between branches: readable hand arithmetic
 HW = Hardware("toy", 1e9, 1e9, 1, "test", nvlink_bytes_per_s=1e9, interconnect_bytes_per_s=1e5)
 A = Assume(train_mfu=0.5, score_mfu=0.5, optimizer_bw_eff=1.0, net_eff=0.5, latency_s=1e-5,
-           pass_overhead_s=1e-3, reward_row_s=0.0, ckpt_bytes_per_s=1e6, mean_response=4)  # fmt: skip
+           pass_overhead_s=1e-3, reward_row_s=0.0, ckpt_bytes_per_s=1e6, ckpt_fixed_s=0.5,
+           optimizer_fixed_s=0.0, mean_response=4)  # fmt: skip
 
 
 def setting(world: int, **kw) -> Setting:
@@ -92,8 +93,11 @@ def test_hub_spoke_step_by_hand():
     # merge: fp32 masters (4 x stage params) over 3 peers at 50 kB/s: 4/3 x bytes + 4 latencies
     p = stage_params(cfg)
     assert hub["merge"] == pytest.approx(4 / 3 * 4 * p / 5e4 + 4e-5)
-    # checkpoint: bf16 weights + 12 B of fp32 master and Adam per parameter at 1 MB/s
-    assert hub["checkpoint"] == pytest.approx(p * 14 / 1e6)
+    # ... which the spokes reach first: the hub trains on 2 peer edges' rows, a spoke on 1
+    late = hub["train"] + xfer_hub - spoke["train"] - xfer_spoke
+    assert late > 0 and spoke["merge"] == pytest.approx(hub["merge"] + late)
+    # checkpoint: bf16 weights + 12 B of fp32 master and Adam per parameter at 1 MB/s, + 0.5 s
+    assert hub["checkpoint"] == pytest.approx(p * 14 / 1e6 + 0.5) == spoke["checkpoint"]
 
 
 def test_assume_overrides_and_errors():

@@ -14,6 +14,7 @@ norm, output layer and log-softmax or sampling outside the layers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -25,6 +26,10 @@ from copd_mega.launch.hardware import Hardware
 from copd_mega.launch.step_time import Assume
 
 LAYERS_OUTSIDE = 1
+# Assumed, not measured by this module: the fixed CPU cost of one rank's checkpoint save of a
+# tiny model, and of judging one rollout of the built-in capabilities on the host.
+CPU_SAVE_FIXED_S = 0.05
+CPU_REWARD_ROW_S = 5e-4
 
 
 def _best(fn, repeats: int) -> float:
@@ -92,6 +97,37 @@ def cpu_costs(layers: int, hw: Hardware, engine: Engine, assume: Assume) -> tupl
     )  # fmt: skip
     assume = dataclasses.replace(
         assume, pass_overhead_s=per_forward, train_mfu=1.0, score_mfu=1.0,
-        optimizer_bw_eff=1.0, net_eff=1.0, reward_row_s=assume.reward_row_s,
+        optimizer_bw_eff=1.0, net_eff=1.0, optimizer_fixed_s=per_forward,
+        ckpt_fixed_s=CPU_SAVE_FIXED_S, reward_row_s=CPU_REWARD_ROW_S,
     )  # fmt: skip
     return engine, assume
+
+
+COSTS = ("decode_step_s", "forward_s", "forward_backward_s", "optimizer_step_s", "collective_s")
+
+
+def measured_costs(
+    path: str, engine: Engine, assume: Assume, hw: Hardware
+) -> tuple[Engine, Assume, Hardware]:
+    """The fixed costs ``bench/bench_step_costs.py`` measured (JSON at ``path``) in place of the
+    estimates: a decode step, a micro-batch pass (forward + backward / 3), an optimizer step,
+    one collective's latency. ValueError naming ``--cpu-costs`` for a missing or bad file."""
+    try:
+        with open(path) as f:
+            got = json.load(f)
+        costs = {k: float(got[k]) for k in COSTS}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"--cpu-costs {path}: not a bench/bench_step_costs.py JSON with {', '.join(COSTS)} "
+            f"({e}); run the bench first"
+        ) from e
+    engine = dataclasses.replace(engine, forward_overhead_s=costs["decode_step_s"])
+    assume = dataclasses.replace(
+        assume, pass_overhead_s=costs["forward_backward_s"] / 3,
+        optimizer_fixed_s=costs["optimizer_step_s"],
+    )  # fmt: skip
+    hw = dataclasses.replace(
+        hw, latency_s=costs["collective_s"],
+        source=hw.source + f"; fixed costs from {os.path.basename(path)} (bench)",
+    )  # fmt: skip
+    return engine, assume, hw

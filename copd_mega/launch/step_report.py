@@ -15,7 +15,7 @@ from copd_mega.config import Config
 from copd_mega.launch.flops import token_cost
 from copd_mega.launch.gen_time import ENGINES, engine_with
 from copd_mega.launch.hardware import hardware
-from copd_mega.launch.measure import LAYERS_OUTSIDE, cpu_costs, measure_cpu
+from copd_mega.launch.measure import LAYERS_OUTSIDE, cpu_costs, measure_cpu, measured_costs
 from copd_mega.launch.step_time import PHASES, Setting, assume_with, predict_run, predict_step
 from copd_mega.launch.validate import prompt_positions_bound, schedule_plan
 from copd_mega.parallel.topology import teaching_edges
@@ -31,6 +31,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--step-assume", action="append", default=[], metavar="FIELD=VALUE",
         help="override a step-model assumption, e.g. train_mfu=0.5 or ckpt_bytes_per_s=5e9",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cpu-costs", default="",
+        help="with --gpu cpu: JSON of measured fixed costs (bench/bench_step_costs.py) in place "
+        "of the layer-count estimate",
     )  # fmt: skip
     ap.add_argument(
         "--engine", choices=sorted(ENGINES), default=None,
@@ -55,6 +60,8 @@ def make_setting(cfg: Config, world: int, args: argparse.Namespace, hw=None) -> 
         m = cfg.model
         hw = hw or measure_cpu(m.hidden_size, m.num_attention_heads, m.ffn_hidden_size)
         engine, assume = cpu_costs(m.num_layers, hw, engine, assume)
+        if args.cpu_costs:
+            engine, assume, hw = measured_costs(args.cpu_costs, engine, assume, hw)
     else:
         hw = hardware(gpu, getattr(args, "peak_tflops", 0.0), getattr(args, "hbm_tbps", 0.0),
                       args.interconnect_gbps)  # fmt: skip
@@ -76,7 +83,13 @@ def describe(s: Setting) -> list[str]:
         f"{hw.interconnect_bytes_per_s / 1e9:.4g} GB/s ({hw.interconnect_bytes_per_s * 8 / 1e9:.4g} Gb/s) "
         f"a direction; {hw.source}",
     ]
-    if hw.cores:
+    if hw.cores and "bench" in hw.source:
+        lines.append(
+            f"  cpu: {hw.cores} cores shared by {s.world} ranks (x{s.slowdown:g} on every "
+            f"compute and host term); fixed costs measured by bench/bench_step_costs.py "
+            f"(below); one gloo collective {hw.latency_s * 1e3:.3g} ms; efficiencies 1"
+        )
+    elif hw.cores:
         lines.append(
             f"  cpu: {hw.cores} cores shared by {s.world} ranks (x{s.slowdown:g} on every "
             f"compute and host term); one layer's forward {hw.op_overhead_s * 1e3:.3f} ms, so "
@@ -89,9 +102,11 @@ def describe(s: Setting) -> list[str]:
         f"{e.forward_overhead_s * 1e3:.3g} ms per forward per stage",
         f"  update {a.train_mfu:.0%} and teacher scoring {a.score_mfu:.0%} of FLOP/s, "
         f"{a.pass_overhead_s * 1e3:.3g} ms per micro-batch forward per stage; optimizer "
-        f"{a.optimizer_bw_eff:.0%} of memory bandwidth; collectives {a.net_eff:.0%} of link "
+        f"{a.optimizer_bw_eff:.0%} of memory bandwidth + {a.optimizer_fixed_s * 1e3:.3g} ms; "
+        f"collectives {a.net_eff:.0%} of link "
         f"bandwidth + {s.latency_s * 1e6:.3g} us a message; reward {a.reward_row_s * 1e3:.3g} "
-        f"ms a rollout; checkpoint {a.ckpt_bytes_per_s / 1e9:.3g} GB/s per rank; responses "
+        f"ms a rollout; checkpoint {a.ckpt_bytes_per_s / 1e9:.3g} GB/s per rank + "
+        f"{a.ckpt_fixed_s:.3g} s; responses "
         + (f"{a.mean_response:g} tokens" if a.mean_response else "at rollout.max_new_tokens "
            "(an upper bound; --step-assume mean_response=N)"),
     ]  # fmt: skip

@@ -23,13 +23,17 @@ one row of S positions = :func:`~copd_mega.launch.flops.prefill_flops` (2NS + 2L
   on (native + peer), +1 forward for old log-probs when ``updates_per_batch`` > 1 and +1 for
   the reference with ``grpo.kl_coef`` > 0, at ``train_mfu``; a pipeline of m micro-batches over
   PP stages takes (m + PP - 1) / m of the compute; the optimizer reads and writes 32 bytes per
-  parameter of its DP shard at ``optimizer_bw_eff`` of HBM bandwidth; gradients are all-reduced
+  parameter of its DP shard at ``optimizer_bw_eff`` of HBM bandwidth, + ``optimizer_fixed_s``;
+  gradients are all-reduced
   over DP (ring: 2 (DP-1)/DP x 4 bytes per parameter of the rank's stage, over NVLink).
 * **merge** (``schedule.merge_every_cycle``, at a cycle's last step): a ring all-reduce of the
   rank's fp32 masters (4 bytes per stage parameter) over its peer group of B ranks, over the
   interconnect.
 * **checkpoint** (each ``checkpoint.every`` steps): the rank's weights (bf16/fp32) and fp32
-  master + Adam moments (12 bytes per parameter, distributed over DP) at ``ckpt_bytes_per_s``.
+  master + Adam moments (12 bytes per parameter, distributed over DP) at ``ckpt_bytes_per_s``,
+  + ``ckpt_fixed_s``.
+* the merge (else the save, whose bookkeeping has barriers over all branches) also holds the
+  **wait** for the last branch to finish its update (a hub trains on more rows).
 
 Fixed costs: ``pass_overhead_s`` per micro-batch forward per stage (a backward counts 2), the
 engine's ``forward_overhead_s`` per decode step (gen_time). On a CPU (``Hardware.cores`` > 0)
@@ -73,6 +77,8 @@ class Assume:
     pass_overhead_s: float = 2e-3  # fixed cost of one micro-batch forward on one stage
     reward_row_s: float = 2e-4  # host cost of judging one rollout
     ckpt_bytes_per_s: float = 2e9  # what one rank writes a second to the checkpoint store
+    ckpt_fixed_s: float = 1.0  # fixed cost of one save on a rank (metadata, barriers, rename)
+    optimizer_fixed_s: float = 5e-3  # fixed cost of one optimizer step (launches, clip, checks)
     mean_response: float = 0.0  # expected response tokens (0: rollout.max_new_tokens)
 
     def why(self) -> str:
@@ -218,7 +224,8 @@ def branch_work(
         params = stage_params(cfg)
         opt = 32 * params / dp / (s.hw.hbm_bytes_per_s * s.assume.optimizer_bw_eff)
         grads = ring_allreduce_s(4 * params, dp, s.hw.nvlink_bytes_per_s or s.hw.hbm_bytes_per_s, s)
-        train_s += g.updates_per_batch * (opt * s.slowdown + grads)
+        fixed = s.assume.optimizer_fixed_s
+        train_s += g.updates_per_batch * ((opt + fixed) * s.slowdown + grads)
     teach_s, teach_f = forward_time(c, cfg, s, teaches * peer_rows, seq, 1, s.assume.score_mfu)
     return {
         "rollout": (gen.total_s, gen.flops / (p.tp * p.pp)),
@@ -265,13 +272,21 @@ def predict_step(
     if every and (step.step + 1) % every == 0:
         elem = 4 if cfg.model.dtype == "fp32" else 2
         per_rank = params * (elem + 12 / s.dp_of.get(names[0], cfg.parallel.dp))
-        ckpt = per_rank / s.assume.ckpt_bytes_per_s * s.slowdown
+        ckpt = (per_rank / s.assume.ckpt_bytes_per_s + s.assume.ckpt_fixed_s) * s.slowdown
+    # the merge (else the save's barriers) starts when the last branch has trained
+    done = {b: (t2 + xfer[b] if opd else before[b]) + work[b]["train"][0] for b in names}
+    last = max(done.values())
     out = {}
     for b in names:
         w = work[b]
         wait = (t1 - before[b]) + (t2 - t1 - w["teacher"][0]) if opd else 0.0
+        late = last - done[b] if len(names) > 1 else 0.0
         phase_s = {k: w[k][0] for k in ("rollout", "reward", "teacher", "train")}
-        phase_s.update(exchange=xfer[b] + wait, merge=merge, checkpoint=ckpt)
+        phase_s.update(
+            exchange=xfer[b] + wait,
+            merge=merge + late if merge else 0.0,
+            checkpoint=ckpt + late if ckpt and not merge else ckpt,
+        )
         flops = sum(v[1] for v in w.values())
         extra = 8 / 3 * params if merge else 0.0  # ring bytes out of a rank, fp32 x 2(n-1)/n
         out[b] = BranchStep({k: phase_s[k] for k in PHASES}, flops, sent[b] + extra)

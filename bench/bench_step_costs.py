@@ -1,0 +1,123 @@
+"""The fixed costs of the step model's terms on this CPU, measured on one rank of a config's
+model (whose FLOPs are negligible at the CPU study's size): one decode step of the sampler, one
+micro-batch forward, one micro-batch forward + backward, one optimizer step, and one gloo
+all-reduce between two local processes. Prints them and writes JSON that
+``copd report scaling --predict --gpu cpu --cpu-costs FILE`` (and ``copd plan --predict --gpu
+cpu --cpu-costs FILE``) uses in place of the layer-count estimate of launch/measure.py.
+
+    .venv/bin/python bench/bench_step_costs.py --config configs/scaling_cpu.yaml --out costs.json
+
+Each number is the fastest of ``--repeats`` timings (the least disturbed by other work on a
+shared machine); the load average is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from copd_mega.config import load_config
+from copd_mega.models.branch import build_branch_model
+from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
+from copd_mega.parallel.dist import free_port, init_distributed
+from copd_mega.parallel.topology import build_topology
+from copd_mega.rl.rollout import MegatronSampler
+from copd_mega.rl.sampling import SamplingParams
+
+
+def best(fn, repeats: int) -> float:
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def loss(mb: dict, logits: torch.Tensor):
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), mb["labels"].reshape(-1), reduction="sum"
+    )
+    return nll, torch.tensor(mb["labels"].numel()), {"nll": nll.detach()}
+
+
+def model_costs(cfg_path: str, repeats: int) -> dict:
+    """Per-term fixed costs on one rank (world 1)."""
+    init_distributed()
+    one = ["parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "schedule.mode=expert"]
+    cfg = load_config(cfg_path, one)
+    cfg.branches = cfg.branches[:1]
+    topo = build_topology(cfg)
+    bm = build_branch_model(cfg, topo)
+    sampler = MegatronSampler(bm.model, topo, cfg, max_batch_size=1)
+    prompt = [[3, 4, 5, 6]]
+
+    def gen(n: int) -> None:
+        sampler.generate(prompt, SamplingParams(max_new_tokens=n), seed=0)
+
+    short, long = 2, 2 + 16
+    decode_s = (best(lambda: gen(long), repeats) - best(lambda: gen(short), repeats)) / 16
+    prepare_for_training(bm, topo)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, 8))
+    mb = {"tokens": tokens, "position_ids": torch.arange(8).unsqueeze(0),
+          "labels": torch.roll(tokens, -1, 1)}  # fmt: skip
+    fwd_s = best(lambda: run_microbatches(bm, topo, [mb], loss, forward_only=True), repeats)
+    fwdbwd_s = best(lambda: run_microbatches(bm, topo, [mb], loss), repeats)
+    opt_s = best(lambda: optimizer_step(bm), repeats)
+    dist.destroy_process_group()
+    return {"decode_step_s": decode_s, "forward_s": fwd_s, "forward_backward_s": fwdbwd_s,
+            "optimizer_step_s": opt_s}  # fmt: skip
+
+
+def _collective(rank: int, port: int, repeats: int, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    x = torch.zeros(1)
+    calls = 100
+    t = best(lambda: [dist.all_reduce(x) for _ in range(calls)], repeats) / calls
+    if rank == 0:
+        out.put(t)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def collective_s(repeats: int) -> float:
+    """One gloo all-reduce of one float between two local processes."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_collective, args=(r, port, repeats, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    t = q.get()
+    for p in procs:
+        p.join()
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/scaling_cpu.yaml")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", required=True, help="JSON path")
+    args = ap.parse_args()
+    costs = model_costs(args.config, args.repeats)
+    costs["collective_s"] = collective_s(args.repeats)
+    costs["load_average"] = os.getloadavg()[0]
+    costs["config"] = args.config
+    for k, v in costs.items():
+        print(f"{k:>20}: {v * 1e3:.3f} ms" if k.endswith("_s") else f"{k:>20}: {v}")
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(costs, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
