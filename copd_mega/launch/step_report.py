@@ -13,10 +13,19 @@ import dataclasses
 
 from copd_mega.config import Config
 from copd_mega.launch.flops import token_cost
-from copd_mega.launch.gen_time import ENGINES, engine_with
+from copd_mega.launch.gen_time import ENGINES, engine_shape, engine_with, vllm_kv_budget
 from copd_mega.launch.hardware import hardware
 from copd_mega.launch.measure import LAYERS_OUTSIDE, cpu_costs, measure_cpu, measured_costs
-from copd_mega.launch.step_time import PHASES, Setting, assume_with, predict_run, predict_step
+from copd_mega.launch.memory import GIB, memory_parts, stage_params
+from copd_mega.launch.predict import RESIDENT
+from copd_mega.launch.step_time import (
+    PHASES,
+    Setting,
+    assume_with,
+    predict_run,
+    predict_step,
+    ring_allreduce_s,
+)
 from copd_mega.launch.validate import prompt_positions_bound, schedule_plan
 from copd_mega.parallel.topology import teaching_edges
 
@@ -66,12 +75,15 @@ def make_setting(cfg: Config, world: int, args: argparse.Namespace, hw=None) -> 
         hw = hardware(gpu, getattr(args, "peak_tflops", 0.0), getattr(args, "hbm_tbps", 0.0),
                       args.interconnect_gbps)  # fmt: skip
     assume = assume_with(args.step_assume, assume)
-    if engine.continuous:
-        raise ValueError(
-            "--engine vllm: the step model prices megatron generation only so far; "
-            "`copd plan --gpu` prints the vllm generation estimate"
-        )
-    return Setting(hw, engine, assume, world)
+    if not engine.continuous:
+        return Setting(hw, engine, assume, world)
+    c = token_cost(cfg, cfg.parallel.tp)
+    gen_tp = getattr(args, "gen_tp", 0) or cfg.parallel.tp
+    resident = sum(x.bytes for x in memory_parts(cfg) if x.name in RESIDENT)
+    budget = vllm_kv_budget(hw.memory_gib * GIB, resident, c, gen_tp, engine)
+    mean = assume.mean_response or cfg.rollout.max_new_tokens
+    shape, split = engine_shape(cfg, engine, c, prompt_positions_bound(cfg), mean, budget, gen_tp)
+    return Setting(hw, engine, assume, world, gen_shape=shape, gen_split=split)
 
 
 def describe(s: Setting) -> list[str]:
@@ -160,6 +172,10 @@ def format_step_time(cfg: Config, world: int, edges: list, args: argparse.Namesp
         f"  step total: {slow:.3f} s (slowest branch, checkpoints spread over steps); "
         f"run of {len(steps)} steps: {slow * len(steps) / 3600:.3g} h"
     )
+    if len(cfg.branches) > 1:
+        link = s.hw.interconnect_bytes_per_s or s.hw.hbm_bytes_per_s
+        final = ring_allreduce_s(4 * stage_params(cfg), len(cfg.branches), link, s)
+        lines.append(f"  final merge (once, after the last step): {final:.3f} s")
     return lines
 
 

@@ -10,7 +10,10 @@ splits them), with P = ``data.max_prompt_tokens`` (the prompt bound), R = the me
 one row of S positions = :func:`~copd_mega.launch.flops.prefill_flops` (2NS + 2LqS^2):
 
 * **rollout**: :mod:`copd_mega.launch.gen_time` (native prompts x ``grpo.group_size``, and
-  ``opd.prompts_per_peer`` x ``opd.samples_per_prompt`` on each teacher's prompts).
+  ``opd.prompts_per_peer`` x ``opd.samples_per_prompt`` on each teacher's prompts) on the
+  engine (``Setting.engine``); a vllm engine (``Setting.gen_shape``: continuous batching within
+  its KV budget) also copies the step's new weights in once (the rank's weight bytes at
+  ``optimizer_bw_eff`` of memory bandwidth, colocated).
 * **reward**: ``reward_row_s`` per native rollout (the judge runs on the host).
 * **teacher**: one forward of each row a student sends (``prompts_per_peer`` x
   ``samples_per_prompt`` per student; a hub scores B-1 students'), at ``score_mfu``.
@@ -119,6 +122,8 @@ class Setting:
     assume: Assume
     world: int
     dp_of: dict[str, int] = field(default_factory=dict)
+    gen_shape: EngineShape | None = None  # a continuous engine's shape (gen_time.engine_shape)
+    gen_split: int = 1  # engines per DP replica
 
     @property
     def slowdown(self) -> float:
@@ -194,10 +199,14 @@ def generation(
         hbm_bytes_per_s=s.hw.hbm_bytes_per_s / s.slowdown,
     )
     eng = dataclasses.replace(s.engine, forward_overhead_s=s.engine.forward_overhead_s * s.slowdown)
-    shape = EngineShape(cfg.parallel.tp, cfg.parallel.pp, cfg.rollout.max_batch_size)
+    shape = s.gen_shape or EngineShape(cfg.parallel.tp, cfg.parallel.pp, cfg.rollout.max_batch_size)
     mean = s.assume.mean_response or cfg.rollout.max_new_tokens
-    calls = branch_calls(bcfg, branch, step, mean, prompt)
-    return sum((call_time(c, hw, eng, shape, x) for x in calls), PhaseTime())
+    calls = branch_calls(bcfg, branch, step, mean, prompt, s.gen_split if s.gen_shape else 1)
+    out = sum((call_time(c, hw, eng, shape, x) for x in calls), PhaseTime())
+    if eng.continuous and calls:  # the engine's copy of the new weights, once per step
+        sync = c.weight_bytes / (cfg.parallel.tp * cfg.parallel.pp)
+        out += PhaseTime(overhead_s=sync / (hw.hbm_bytes_per_s * s.assume.optimizer_bw_eff))
+    return out
 
 
 def branch_work(
