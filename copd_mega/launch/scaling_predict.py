@@ -7,8 +7,8 @@ branches cycled, each keeping its TP x PP x DP; one branch runs GRPO alone) is p
 ``--gpu``: the mean step of the slowest branch over one cycle, per phase. For hub-and-spoke it
 also prints how long the spokes wait for the hub inside the exchange (the hub rolls out on B-1
 spokes' prompts and scores B-1 spokes' rollouts) and what a load-balanced hub buys: the hub
-with k x ``parallel.dp`` replicas, k = ceil(hub's rollout + scoring / a spoke's), its step and
-GPUs. The hub counts as the bottleneck where the spokes wait more than
+with k x ``parallel.dp`` replicas, k raised through :data:`BALANCE_DP` while each step up
+shortens the step by more than 1% (k = 1 when none does), its step and GPUs. The hub counts as the bottleneck where the spokes wait more than
 :data:`HUB_BOUND_SHARE` of the step.
 
 With run directories (``copd report scaling --predict --gpu cpu RUN_DIR...``): each run's saved
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from copd_mega.parallel.topology import teaching_edges
 from copd_mega.report.scaling import saved_config_path, summarize_run
 
 HUB_BOUND_SHARE = 0.10
+BALANCE_DP = (2, 4, 8)
 GRAPHS = ("pairwise", "hub_spoke")
 
 
@@ -83,10 +83,6 @@ class Point:
         return sum(self.phase_s.values())
 
 
-def _own(m: dict[str, float]) -> float:
-    return m["rollout"] + m["teacher"]
-
-
 def project(cfg: Config, n: int, graph: str, args: argparse.Namespace, hw=None) -> Point:
     """The predicted mean step of ``cfg`` with ``n`` branches on ``graph`` (module docstring)."""
     c = with_branches(cfg, n, graph)
@@ -94,19 +90,18 @@ def project(cfg: Config, n: int, graph: str, args: argparse.Namespace, hw=None) 
     s = make_setting(c, n * ranks, args, hw)
     means = branch_means(c, s, skip_first=False)
     slow = max(means.values(), key=lambda m: sum(m.values()))
-    point = Point(graph, n, n * ranks, slow)
+    point = Point(graph, n, n * ranks, slow, balanced_gpus=n * ranks, balanced_step_s=0.0)
+    point.balanced_step_s = point.step_s
     if graph != "hub_spoke" or n < 2:
         return point
     hub, spoke = means[c.branch_names[0]], means[c.branch_names[1]]
     point.hub_wait_s = max(spoke["exchange"] - hub["exchange"], 0.0)
-    k = max(1, math.ceil(_own(hub) / max(_own(spoke), 1e-12)))
-    point.balanced_k, point.balanced_gpus = k, (n + k - 1) * ranks
-    if k > 1:
-        dp = {c.branch_names[0]: cfg.parallel.dp * k}
-        bal = dataclasses.replace(s, world=point.balanced_gpus, dp_of=dp)
-        point.balanced_step_s = max(sum(m.values()) for m in branch_means(c, bal, False).values())
-    else:
-        point.balanced_step_s = point.step_s
+    for k in BALANCE_DP:  # more hub DP while it buys more than 1%
+        gpus = (n + k - 1) * ranks
+        bal = dataclasses.replace(s, world=gpus, dp_of={c.branch_names[0]: cfg.parallel.dp * k})
+        step = max(sum(m.values()) for m in branch_means(c, bal, False).values())
+        if step < point.balanced_step_s * 0.99:
+            point.balanced_k, point.balanced_gpus, point.balanced_step_s = k, gpus, step
     return point
 
 
