@@ -53,6 +53,10 @@ def test_forward_time_by_hand():
     # a CPU: 2 cores, 8 ranks share them, every term x4
     cpu = Setting(dataclasses.replace(HW, cores=2), ENGINES["megatron"], A, 8)
     assert forward_time(c, cfg, cpu, 16, 10, 3, 0.5)[0] == pytest.approx(4 * (0.159744 + 0.003))
+    # costs measured by one process beside 4 others: 8 ranks beside them run (4 + 8) / 2 cores
+    # against (4 + 1) / 2: x2.4
+    busy = dataclasses.replace(cpu, hw=dataclasses.replace(cpu.hw, background_load=4.0))
+    assert busy.slowdown == pytest.approx(2.4)
 
 
 def test_collectives_and_exchange_bytes_by_hand():

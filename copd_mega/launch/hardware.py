@@ -25,6 +25,7 @@ class Hardware:
     cores: int = 0  # CPU only: ranks share these cores (0: one device per rank)
     op_overhead_s: float = 0.0  # CPU only: measured fixed cost of one layer forward
     latency_s: float = 0.0  # measured latency of one message (0: the step model's assumption)
+    background_load: float = 0.0  # CPU only: other work's runnable processes when measured
 
 
 GPUS: dict[str, Hardware] = {

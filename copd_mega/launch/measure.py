@@ -111,7 +111,8 @@ def measured_costs(
 ) -> tuple[Engine, Assume, Hardware]:
     """The fixed costs ``bench/bench_step_costs.py`` measured (JSON at ``path``) in place of the
     estimates: a decode step, a micro-batch pass (forward + backward / 3), an optimizer step,
-    one collective's latency. ValueError naming ``--cpu-costs`` for a missing or bad file."""
+    one collective's latency; the load average it ran at, less the bench, is the background
+    load (``Hardware.background_load``). ValueError naming ``--cpu-costs`` for a missing or bad file."""
     try:
         with open(path) as f:
             got = json.load(f)
@@ -126,8 +127,9 @@ def measured_costs(
         assume, pass_overhead_s=costs["forward_backward_s"] / 3,
         optimizer_fixed_s=costs["optimizer_step_s"],
     )  # fmt: skip
+    load = max(float(got.get("load_average", 0.0)) - 1.0, 0.0)  # less the bench itself
     hw = dataclasses.replace(
-        hw, latency_s=costs["collective_s"],
+        hw, latency_s=costs["collective_s"], background_load=load,
         source=hw.source + f"; fixed costs from {os.path.basename(path)} (bench)",
     )  # fmt: skip
     return engine, assume, hw

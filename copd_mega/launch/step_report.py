@@ -97,8 +97,9 @@ def describe(s: Setting) -> list[str]:
     ]
     if hw.cores and "bench" in hw.source:
         lines.append(
-            f"  cpu: {hw.cores} cores shared by {s.world} ranks (x{s.slowdown:g} on every "
-            f"compute and host term); fixed costs measured by bench/bench_step_costs.py "
+            f"  cpu: {hw.cores} cores shared by {s.world} ranks and a background load of "
+            f"{hw.background_load:.1f} (x{s.slowdown:.3g} on every compute and host term); "
+            f"fixed costs measured by bench/bench_step_costs.py "
             f"(below); one gloo collective {hw.latency_s * 1e3:.3g} ms; efficiencies 1"
         )
     elif hw.cores:

@@ -40,8 +40,9 @@ one row of S positions = :func:`~copd_mega.launch.flops.prefill_flops` (2NS + 2L
 
 Fixed costs: ``pass_overhead_s`` per micro-batch forward per stage (a backward counts 2), the
 engine's ``forward_overhead_s`` per decode step (gen_time). On a CPU (``Hardware.cores`` > 0)
-the ranks share the cores: every compute and host term is multiplied by max(1, world / cores),
-and the per-op overheads come from the measured op cost (:mod:`copd_mega.launch.measure`).
+the ranks share the cores: every compute and host term is multiplied by
+:attr:`Setting.slowdown` (world / cores on an idle machine), and the fixed costs come from
+measurements (:mod:`copd_mega.launch.measure`).
 Not counted: TP/PP activation traffic (inside the MFUs), norms/softmax/sampling FLOPs, the
 vision tower, evaluation, other jobs on the machine.
 """
@@ -127,8 +128,13 @@ class Setting:
 
     @property
     def slowdown(self) -> float:
-        """How many ranks share one core (CPU); 1 on GPUs."""
-        return max(1.0, self.world / self.hw.cores) if self.hw.cores else 1.0
+        """CPU: how much slower a rank runs than the one process that measured the costs, both
+        sharing the cores with ``background_load`` other runnable processes:
+        max(1, (load + world) / cores) / max(1, (load + 1) / cores). 1 on GPUs."""
+        if not self.hw.cores:
+            return 1.0
+        load, cores = self.hw.background_load, self.hw.cores
+        return max(1.0, (load + self.world) / cores) / max(1.0, (load + 1) / cores)
 
     @property
     def latency_s(self) -> float:
