@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
-from copd_mega.config import load_config
+from copd_mega.config import load_config, save_config
 from copd_mega.launch.flops import token_cost
 from copd_mega.launch.gen_time import ENGINES
 from copd_mega.launch.hardware import Hardware
 from copd_mega.launch.memory import stage_params
 from copd_mega.launch.plan import main as plan_main
+from copd_mega.launch.scaling_predict import project, validation_table
 from copd_mega.launch.step_time import (
     Assume,
     Setting,
@@ -123,3 +126,42 @@ def test_plan_predict_prints_phases_and_assumptions(capsys):
     rc = plan_main(["--config", str(REPO / "configs/copd_8branch.yaml"), "--world-size", "64",
                     "--predict", "--step-assume", "bogus=1"])  # fmt: skip
     assert rc == 1
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(gpu="h100", peak_tflops=0.0, hbm_tbps=0.0, interconnect_gbps=0.0,
+                step_assume=[], gen_assume=[], engine=None, cpu_costs="", gen_tp=0)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_projection_hub_waits_and_a_balanced_hub_helps():
+    cfg = load_config(REPO / "configs/copd_8branch.yaml")
+    pw, hs = project(cfg, 8, "pairwise", _args()), project(cfg, 8, "hub_spoke", _args())
+    assert hs.gpus == pw.gpus == 64 and hs.hub_wait_s > 0
+    # the hub does a pairwise branch's generation and scoring: the same slowest branch
+    assert hs.step_s == pytest.approx(pw.step_s)
+    assert hs.balanced_k > 1 and hs.balanced_gpus == 64 + (hs.balanced_k - 1) * 8
+    assert hs.balanced_step_s < hs.step_s
+    one = project(cfg, 1, "hub_spoke", _args())
+    assert one.phase_s["exchange"] == one.phase_s["teacher"] == 0.0 and one.step_s < hs.step_s
+
+
+def test_validation_table_against_a_run(tmp_path):
+    """A run directory with a saved config and metrics: predicted beside measured, the error."""
+    run = tmp_path / "b2"
+    cfg = load_config(REPO / "configs/scaling_cpu.yaml",
+                      ["branches=[{name: text, data: arith}, {name: image, data: reverse}]"])  # fmt: skip
+    (run / "final" / "model").mkdir(parents=True)
+    save_config(cfg, run / "final" / "model" / "config.yaml")
+    (run / "metrics").mkdir()
+    for b in ("text", "image"):
+        rows = [{"step": i, "time/step": 0.5, "time/rollout": 0.2, "time/train": 0.3}
+                for i in range(3)]  # fmt: skip
+        (run / "metrics" / f"{b}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    hw = Hardware("cpu", 1e10, 1e10, 0, "test", 1e10, 1e10, cores=2, op_overhead_s=1e-4)
+    table = validation_table([str(run)], _args(gpu="cpu"), hw)
+    row = table.splitlines()[2].split(" | ")
+    assert row[:4] == ["| b2", "2", "1x1x1", "2"]
+    pred = float(row[-2].split(" / ")[0])
+    assert row[-2].endswith(" / 0.500") and row[-1] == f"{100 * (pred - 0.5) / 0.5:+.0f}% |"
+    assert "step error: mean" in table

@@ -165,6 +165,7 @@ def validation_table(run_dirs: list[str], args: argparse.Namespace, hw=None) -> 
     head = ["run", "branches", "TPxPPxDP", "ranks"]
     head += [f"{p} pred / meas (s)" for p in PHASES] + ["step pred / meas (s)", "step error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    errors = []
     for run in run_dirs:
         path = saved_config_path(run)
         if path is None:
@@ -181,6 +182,9 @@ def validation_table(run_dirs: list[str], args: argparse.Namespace, hw=None) -> 
         err = (step - meas.step_time_s) / meas.step_time_s
         cells += [f"{step:.3f} / {meas.step_time_s:.3f}", f"{100 * err:+.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
+        errors.append(abs(err))
+    lines.append(f"\nstep error: mean |predicted - measured| / measured {100 * sum(errors) / len(errors):.0f}%, "
+                 f"largest {100 * max(errors):.0f}% over {len(errors)} run(s)")  # fmt: skip
     return "\n".join(lines)
 
 
