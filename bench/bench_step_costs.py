@@ -1,14 +1,15 @@
 """The fixed costs of the step model's terms on this CPU, measured on one rank of a config's
 model (whose FLOPs are negligible at the CPU study's size): one decode step of the sampler, one
 micro-batch forward, one micro-batch forward + backward, one optimizer step, and one gloo
-all-reduce between two local processes. Prints them and writes JSON that
+all-reduce between two local processes (this one and one it starts). Prints them and writes JSON that
 ``copd report scaling --predict --gpu cpu --cpu-costs FILE`` (and ``copd plan --predict --gpu
 cpu --cpu-costs FILE``) uses in place of the layer-count estimate of launch/measure.py.
 
     .venv/bin/python bench/bench_step_costs.py --config configs/scaling_cpu.yaml --out costs.json
 
-Each number is the fastest of ``--repeats`` timings (the least disturbed by other work on a
-shared machine); the load average is printed beside them.
+Each number is the median of ``--repeats`` timings after a warm-up call: the cost under the
+machine's load at the time, which is printed beside them and which the step model takes as
+the background its ranks share the cores with.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -33,12 +35,15 @@ from copd_mega.rl.sampling import SamplingParams
 
 
 def best(fn, repeats: int) -> float:
-    out = float("inf")
+    """The median of ``repeats`` timings after one warm-up call: the cost under the machine's
+    current load, which is what runs beside it see (the step model scales it by the ranks)."""
+    fn()
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def loss(mb: dict, logits: torch.Tensor):
@@ -76,29 +81,24 @@ def model_costs(cfg_path: str, repeats: int) -> dict:
             "optimizer_step_s": opt_s}  # fmt: skip
 
 
-def _collective(rank: int, port: int, repeats: int, out) -> None:
+def _collective(rank: int, port: int, repeats: int) -> float:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)  # fmt: skip
     x = torch.zeros(1)
     calls = 100
     t = best(lambda: [dist.all_reduce(x) for _ in range(calls)], repeats) / calls
-    if rank == 0:
-        out.put(t)
     dist.barrier()
     dist.destroy_process_group()
+    return t
 
 
 def collective_s(repeats: int) -> float:
-    """One gloo all-reduce of one float between two local processes."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    """One gloo all-reduce of one float between this process and one other."""
     port = free_port()
-    procs = [ctx.Process(target=_collective, args=(r, port, repeats, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    t = q.get()
-    for p in procs:
-        p.join()
+    peer = mp.get_context("spawn").Process(target=_collective, args=(1, port, repeats))
+    peer.start()
+    t = _collective(0, port, repeats)
+    peer.join()
     return t
 
 

@@ -1,5 +1,6 @@
 """The CPU's numbers for the step model (``copd plan --predict --gpu cpu``), measured here and
-now on one thread: fp32 matmul FLOP/s, memory bandwidth (a large copy), the fixed cost of one
+now on one thread (medians: under the machine's load at the time, whose load average is the
+background the ranks are taken to share the cores with): fp32 matmul FLOP/s, memory bandwidth (a large copy), the fixed cost of one
 transformer layer's forward on one position, and the one-way time of a message between two
 local sockets.
 
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import os
 import socket
+import statistics
 import time
 
 import torch
@@ -33,13 +35,14 @@ CPU_REWARD_ROW_S = 5e-4
 
 
 def _best(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timings of ``fn()`` (the least disturbed by other work)."""
-    best = float("inf")
+    """The median of ``repeats`` timings of ``fn()``: its cost under the machine's current
+    load, which the step model's ranks share (``Setting.slowdown``)."""
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure_cpu(hidden: int, heads: int, ffn: int, repeats: int = 5) -> Hardware:
@@ -77,12 +80,13 @@ def measure_cpu(hidden: int, heads: int, ffn: int, repeats: int = 5) -> Hardware
         left.close()
         right.close()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = max(os.getloadavg()[0] - 1.0, 0.0)  # less this process
     return Hardware(
         "this CPU (measured)", flops, bw, 0.0,
         f"measured now: 512^3 fp32 matmul on 1 thread, 64 MiB copy, one layer's forward, "
         f"socketpair ping-pong; {cores} cores shared by the ranks",
         nvlink_bytes_per_s=bw, interconnect_bytes_per_s=bw, cores=cores or 1,
-        op_overhead_s=op_s, latency_s=latency,
+        op_overhead_s=op_s, latency_s=latency, background_load=load,
     )  # fmt: skip
 
 
