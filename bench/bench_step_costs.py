@@ -107,11 +107,20 @@ def main() -> None:
     ap.add_argument("--config", default="configs/scaling_cpu.yaml")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", required=True, help="JSON path")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1, as torchrun starts each rank of a multi-rank job)",
+    )  # fmt: skip
     args = ap.parse_args()
+    # The point of this bench: one rank's costs. More threads than a loaded machine can run
+    # at once make tiny matmuls wait for descheduled threads (measured: 114 ms against 5 ms
+    # for one forward of the CPU study's model at load 16 with 2 threads against 1).
+    torch.set_num_threads(args.threads)
     costs = model_costs(args.config, args.repeats)
     costs["collective_s"] = collective_s(args.repeats)
     costs["load_average"] = os.getloadavg()[0]
     costs["config"] = args.config
+    costs["threads"] = args.threads
     for k, v in costs.items():
         print(f"{k:>20}: {v * 1e3:.3f} ms" if k.endswith("_s") else f"{k:>20}: {v}")
     with open(args.out + ".tmp", "w") as f:
