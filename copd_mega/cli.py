@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("copd_mega.hf.importer", "read a Hugging Face model into a checkpoint"),
     "data": ("copd_mega.data.cli", "pack shards or synthesise built-in capabilities"),
 }
+HIDDEN = {"report scaling --predict": ("copd_mega.launch.scaling_predict", "")}
 
 
 def _usage() -> str:
@@ -88,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    if name == "report" and rest[:1] == ["scaling"] and "--predict" in rest:
+        name, rest = "report scaling --predict", rest[1:]  # the model lives in launch/
+    if name not in COMMANDS and name not in HIDDEN:
         print(f"copd: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module({**COMMANDS, **HIDDEN}[name][0])
         return int(module.main(rest) or 0)
     except Exception as e:
         if debug or not isinstance(e, domain_errors()):

@@ -19,8 +19,15 @@
 #   TASKS_PER_NODE    tasks per node (default 8)
 #   GPUS_PER_NODE     GPUs to request per node (default 0: CPU)
 #   SCALING_PARALLEL  1: let the jobs run at the same time (default: one after another)
+#   SCALING_GPU       hardware the step model predicts on: cpu (default when GPUS_PER_NODE is
+#                     0: this machine, measured by a last job) or h100 | h200 | a100
+#   SCALING_ASSUME    extra options for the prediction, e.g. "--interconnect-gbps 200
+#                     --step-assume train_mfu=0.45"
 #   Partition, account, ...: sbatch's own SBATCH_PARTITION, SBATCH_ACCOUNT, ... variables.
 set -euo pipefail
+
+# After the study, one more job writes SCALING_ROOT/predicted_vs_measured.md: the step-time
+# model (copd report scaling --predict) beside each run's measured phase means.
 
 export COPD_CONFIG=${COPD_CONFIG:-configs/scaling_cpu.yaml}
 read -r -a BRANCHES <<<"${SCALING_BRANCHES:-text:arith image:reverse video:sort chart:arith \
@@ -30,6 +37,7 @@ RANKS=${RANKS_PER_BRANCH:-1}
 PER_NODE=${TASKS_PER_NODE:-8}
 
 prev=""
+all_jobs=""
 runs=()
 for n in ${SCALING_COUNTS:-1 2 4 8}; do
   if ((n > ${#BRANCHES[@]})); then
@@ -57,8 +65,23 @@ for n in ${SCALING_COUNTS:-1 2 4 8}; do
   job=${job%%;*} # --parsable prints id;cluster on multi-cluster set-ups
   echo "b$n: job $job, $n branches x $RANKS ranks, output $run/slurm-$job.out"
   [[ "${SCALING_PARALLEL:-0}" == 1 ]] || prev=$job
+  all_jobs="${all_jobs:+$all_jobs }$job"
   runs+=("$run")
 done
+
+PYTHON=${COPD_PYTHON:-python}
+GPU=${SCALING_GPU:-$([[ "${GPUS_PER_NODE:-0}" == 0 ]] && echo cpu || echo h100)}
+costs=""
+bench=""
+if [[ $GPU == cpu ]]; then # the CPU's fixed costs, measured on the node of the last job
+  costs="--cpu-costs $ROOT/cpu_costs.json"
+  bench="$PYTHON bench/bench_step_costs.py --config $COPD_CONFIG --out $ROOT/cpu_costs.json && "
+fi
+predict=$(sbatch --parsable --job-name=copd-scaling-predict --nodes=1 --ntasks=1 \
+  --output="$ROOT/predict-%j.out" --dependency=afterany:"${all_jobs// /:}" \
+  --wrap "${bench}$PYTHON -m copd_mega.cli report scaling --predict --gpu $GPU $costs \
+${SCALING_ASSUME:-} ${runs[*]} --table $ROOT/predicted_vs_measured.md")
+echo "predicted vs measured: job ${predict%%;*}, table $ROOT/predicted_vs_measured.md"
 
 echo
 echo "When the jobs have finished (squeue shows none of them):"

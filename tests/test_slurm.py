@@ -169,8 +169,8 @@ def test_scaling_study_submits_one_job_per_branch_count(tmp_path, capsys):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     jobs = [j.splitlines() for j in log.read_text().split("--\n") if j.strip()]
-    assert len(jobs) == 4
-    for i, (n, args) in enumerate(zip((1, 2, 4, 8), jobs, strict=True)):
+    assert len(jobs) == 5  # the four branch counts, then the predicted-vs-measured table
+    for i, (n, args) in enumerate(zip((1, 2, 4, 8), jobs[:4], strict=True)):
         assert args[0] == f"COPD_RUN_DIR={root}/b{n}" and (root / f"b{n}").is_dir()
         assert f"--ntasks={n}" in args and "--gpus-per-node=0" in args
         deps = [a for a in args if a.startswith("--dependency")]
@@ -185,3 +185,12 @@ def test_scaling_study_submits_one_job_per_branch_count(tmp_path, capsys):
         assert _plan(capsys, n, single).count("\nbranch ") == n
     runs = " ".join(f"{root}/b{n}" for n in (1, 2, 4, 8))
     assert f"copd report scaling {runs}" in res.stdout
+    last = jobs[4]
+    assert "--dependency=afterany:101:102:103:104" in last
+    wrap = last[last.index("--wrap") + 1]
+    assert (
+        f"bench/bench_step_costs.py --config configs/scaling_cpu.yaml --out {root}/cpu_costs.json"
+        in wrap
+    )
+    assert f"report scaling --predict --gpu cpu --cpu-costs {root}/cpu_costs.json" in wrap
+    assert f"{runs} --table {root}/predicted_vs_measured.md" in " ".join(wrap.split())

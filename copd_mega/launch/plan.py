@@ -18,6 +18,8 @@ from copd_mega.config import Config, ConfigError, load_config
 from copd_mega.launch.memory import GIB, fit_error, memory_parts, stage_params, vision_params
 from copd_mega.launch.predict import add_args as add_predict_args
 from copd_mega.launch.predict import format_generation
+from copd_mega.launch.step_report import add_args as add_step_args
+from copd_mega.launch.step_report import format_step_time
 from copd_mega.launch.validate import start_line, validate_job
 from copd_mega.models.gpt import count_parameters
 from copd_mega.parallel.topology import Layout
@@ -94,6 +96,7 @@ def main(argv: list[str]) -> int:
         help="GPU memory in GiB (80 for an 80 GB GPU): exit 1 when the memory plan exceeds it",
     )  # fmt: skip
     add_predict_args(ap)
+    add_step_args(ap)
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     try:
@@ -103,12 +106,14 @@ def main(argv: list[str]) -> int:
         print(f"copd plan: {e}", file=sys.stderr)
         return 1
     generation = []
-    if args.gpu or args.gpu_memory_gb > 0:  # a question about GPUs: how long generation takes
-        try:
+    try:
+        if (args.gpu or args.gpu_memory_gb > 0) and args.gpu != "cpu":  # generation per engine
             generation = format_generation(cfg, layout, args)
-        except ValueError as e:
-            print(f"copd plan: {e}", file=sys.stderr)
-            return 1
+        if args.predict:  # every phase of a step (copd_mega.launch.step_report)
+            generation += format_step_time(cfg, args.world_size, layout.edges, args)
+    except ValueError as e:
+        print(f"copd plan: {e}", file=sys.stderr)
+        return 1
     print("\n".join([format_layout(cfg, layout), *generation]))
     if args.gpu_memory_gb > 0:
         error = fit_error(cfg, memory_parts(cfg), args.gpu_memory_gb)

@@ -37,9 +37,9 @@ RESIDENT = (
 def add_args(ap: argparse.ArgumentParser) -> None:
     """The time-prediction options of ``copd plan``."""
     ap.add_argument(
-        "--gpu", choices=sorted(GPUS), default=None,
+        "--gpu", choices=[*sorted(GPUS), "cpu"], default=None,
         help="predict generation time per step on this GPU (also printed, for h100, with "
-        "--gpu-memory-gb)",
+        "--gpu-memory-gb); cpu (--predict only): this machine, measured",
     )  # fmt: skip
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the GPU's bf16 peak")
     ap.add_argument("--hbm-tbps", type=float, default=0.0, help="override its HBM TB/s")

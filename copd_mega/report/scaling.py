@@ -19,6 +19,9 @@ during training.
 
 Prints the table, writes it as markdown (``--table``) and draws one PNG (``--png``) with step
 time, tokens/s per rank, exchange share and checkpoint save time against branch count.
+
+``copd report scaling --predict ...`` runs the step-time model instead
+(``copd_mega.launch.scaling_predict``; ``--predict --help`` lists its options).
 """
 
 from __future__ import annotations
