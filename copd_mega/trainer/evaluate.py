@@ -80,10 +80,13 @@ def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
     """Accuracy table: one row per model, one column per capability (percent); '-' where a row
     has no number (e.g. an expert outside its domain), and then no mean."""
     width = max(len(r) for r in rows) + 2
-    head = "model".ljust(width) + "".join(c.rjust(10) for c in caps) + "      mean"
+    cols = [max(10, len(c) + 2) for c in caps]  # long names (rg:basic_arithmetic) stay apart
+    head = "model".ljust(width) + "".join(c.rjust(w) for c, w in zip(caps, cols, strict=True))
+    head += "      mean"
     lines = [head, "-" * len(head)]
     for name, accs in rows.items():
-        cells = "".join(f"{100 * accs[c]:10.1f}" if c in accs else "-".rjust(10) for c in caps)
+        cells = "".join(f"{100 * accs[c]:{w}.1f}" if c in accs else "-".rjust(w)
+                        for c, w in zip(caps, cols, strict=True))  # fmt: skip
         full = all(c in accs for c in caps)
         mean = f"{100 * sum(accs[c] for c in caps) / len(caps):10.1f}" if full else "-".rjust(10)
         lines.append(name.ljust(width) + cells + mean)
