@@ -123,7 +123,8 @@ def test_two_branches_on_two_reasoning_gym_tasks_train_and_eval_json_names_them(
             assert all(i.startswith(f"{cap}-eval-") for i in ids)
             assert sum(ids.values()) / 4 == pytest.approx(table[row][cap])
     for branch in ("spell", "arith"):
-        rows = [json.loads(x) for x in (run / "metrics" / f"{branch}.jsonl").read_text().split()]
+        text = (run / "metrics" / f"{branch}.jsonl").read_text()
+        rows = [json.loads(x) for x in text.splitlines()]
         steps = [r for r in rows if "reward" in r]
         assert len(steps) == 3 and all(0.0 <= r["reward"] <= 1.0 for r in steps)
         assert all(r["reward_timeouts"] == 0 and r["reward_errors"] == 0 for r in steps)
