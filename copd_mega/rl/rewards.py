@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from copd_mega.data import reasoning_gym
 
 REWARD_TYPES: tuple[str, ...] = ("math", "exact", "choice", reasoning_gym.REWARD_TYPE)
@@ -167,8 +165,9 @@ def gold_of(sample: dict) -> str:
     )
 
 
-def is_correct(rewards: torch.Tensor) -> torch.Tensor:
-    """Which rewards count as a correct answer (bool, same shape): full credit, 1.0."""
+def is_correct(rewards):
+    """Which rewards (a tensor or array) count as a correct answer (bool, same shape): full
+    credit, 1.0. (No torch import here: the reward workers import this module.)"""
     return rewards > 1.0 - 1e-6
 
 
