@@ -16,6 +16,7 @@ setup(
         "copd_mega.report",
         "copd_mega.rl",
         "copd_mega.trainer",
+        "copd_mega.study",
         "copd_mega.parallel",
         "copd_mega.data",
     ],
@@ -41,6 +42,7 @@ setup(
         "rich",
         "pillow",
         "av",
+        "reasoning-gym",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

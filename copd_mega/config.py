@@ -184,6 +184,9 @@ class DataConfig:
     chat_template: bool = True
     system_prompt: str = ""  # a system turn before the user turn (chat template only)
     enable_thinking: bool = False  # the template's reasoning switch (Qwen3 `enable_thinking`)
+    # Options of reasoning-gym tasks named as `rg:<task>` in branches.*.data: task -> its dataset
+    # config's fields, e.g. {spell_backward: {min_word_len: 3, max_word_len: 5}}
+    reasoning_gym: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """`copd data`: make shards from a JSONL file (`pack`) or from the built-in capabilities (`synth`).
 
 `synth` writes `<out>/<capability>/train-000000.tar ...` and `eval-000000.tar ...` per
-capability; `text` means every text capability, `all` every capability.
+capability; `text` means every text capability, `all` every capability. `rg:<task>` is a
+reasoning-gym task (its options as JSON in `--rg-options`), written to `<out>/rg_<task>/`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from copd_mega.config import DataConfig
+from copd_mega.data import reasoning_gym
 from copd_mega.data.shards import pack_jsonl, write_shards
 from copd_mega.data.synthetic import (
     CAPABILITIES,
@@ -45,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     synth = sub.add_parser("synth", help="generate shards of built-in capabilities")
-    synth.add_argument("--capability", required=True, choices=[*CAPABILITIES, *GROUPS])
+    synth.add_argument("--capability", required=True, type=_capability,
+                       help=f"one of {', '.join([*CAPABILITIES, *GROUPS])}, or rg:<task> "
+                       "(a reasoning-gym task)")  # fmt: skip
+    synth.add_argument("--rg-options", default="{}", type=json.loads,
+                       help='reasoning-gym task options as JSON, e.g. {"min_word_len": 3}')  # fmt: skip
     synth.add_argument(
         "--out", required=True, type=Path, help="output folder (one sub-folder per capability)"
     )
@@ -73,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _capability(text: str) -> str:
+    if text in CAPABILITIES or text in GROUPS or reasoning_gym.is_task(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is none of {', '.join([*CAPABILITIES, *GROUPS])} and no rg:<task>"
+    )
+
+
 def _tracked(items: Iterable[dict], progress: Progress, label: str, total: int) -> Iterator[dict]:
     task = progress.add_task(label, total=total)
     for item in items:
@@ -94,18 +109,16 @@ def _synth(args: argparse.Namespace, console: Console) -> None:
     capabilities = GROUPS.get(args.capability, (args.capability,))
     with Progress(console=console, transient=True) as progress:
         for cap in capabilities:
+            rg = reasoning_gym.is_task(cap)
+            out = args.out / (reasoning_gym.dir_name(cap) if rg else cap)
             for split, n in (("train", args.n_train), ("eval", args.n_eval)):
                 if n == 0:
                     continue
-                samples = _tracked(
-                    make_samples(cap, split, args.seed, n, options), progress, f"{cap} {split}", n
-                )
-                paths = write_shards(
-                    samples, args.out / cap, split, args.samples_per_shard, args.overwrite
-                )
-                console.print(
-                    f"{cap} {split}: {n} samples in {len(paths)} shard(s) under {args.out / cap}"
-                )
+                made = (reasoning_gym.make_samples(cap, split, args.seed, n, args.rg_options) if rg
+                        else make_samples(cap, split, args.seed, n, options))  # fmt: skip
+                samples = _tracked(made, progress, f"{cap} {split}", n)
+                paths = write_shards(samples, out, split, args.samples_per_shard, args.overwrite)
+                console.print(f"{cap} {split}: {n} samples in {len(paths)} shard(s) under {out}")
     if args.tokenizer is not None:
         console.print(f"tokenizer: {save_tokenizer(build_tokenizer(), args.tokenizer)}")
 

@@ -29,7 +29,7 @@ from PIL import Image
 from copd_mega.data.media import ImageLike, decode_image, decode_video, encode_png, frame_indices
 
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "prompt", "answer", "reward_type", "capability")
-REWARD_TYPES: tuple[str, ...] = ("exact", "math", "choice")
+REWARD_TYPES: tuple[str, ...] = ("exact", "math", "choice", "rg")  # rg: data/reasoning_gym.py
 MEDIA_FIELDS: tuple[str, ...] = ("images", "video", "frames")
 IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpe?g)$")
 FRAME_MEMBER = re.compile(r"^frames\.(\d+)\.(png|jpe?g)$")
@@ -54,6 +54,9 @@ def check_record(record: dict, where: str) -> None:
         raise ValueError(
             f"{where}: reward_type {record['reward_type']!r} is not one of {list(REWARD_TYPES)}"
         )
+    if record["reward_type"] == "rg" and not isinstance(record.get("rg_entry"), str):
+        raise ValueError(f"{where}: reward_type 'rg' needs the task's entry as a JSON string "
+                         "in 'rg_entry' (copd data synth --capability rg:<task> writes it)")  # fmt: skip
 
 
 def _image_member(image: ImageLike | bytes, name: str) -> tuple[str, bytes]:

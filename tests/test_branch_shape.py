@@ -132,6 +132,14 @@ def test_two_tp2_pp2_branches_train_resume_merge_export(dp, base, tmp_path):
         assert rows[(b, 2)][f"edge/{b}<-{t}/delta"] != 0.0, "branches differ after RL and OPD"
     table = json.loads((run / "eval.json").read_text())
     assert {"base", "branch arith", "branch reverse", "merged"} <= set(table)
+    # per-problem results, gathered over DP: every held-out problem once, the table's accuracy
+    problems = json.loads((run / "eval_problems.json").read_text())
+    n_eval = 4  # data.n_eval in BASE
+    for row in ("branch arith", "branch reverse", "merged"):
+        for cap in ("arith", "reverse"):
+            ids = problems[row][cap]
+            assert len(ids) == n_eval and all(i.startswith(f"{cap}-eval-") for i in ids)
+            assert sum(ids.values()) / n_eval == pytest.approx(table[row][cap])
 
     # The merged model at the job's shape: every last-stage rank of both branches agrees.
     final = run / "final" / "model"

@@ -50,6 +50,39 @@ def _check_table(out: Path, report: str) -> None:
     assert f"| expert reverse, own domain | - | {_cell(own)} | - |" in report
 
 
+def _check_comparisons(out: Path, report: str) -> None:
+    """The headline pairs: per-seed differences recomputed from the runs' eval_problems.json,
+    an interval around their mean, and the row in report.md before the accuracy table."""
+    summary = {c["pair"]: c for c in json.loads((out / "summary.json").read_text())["comparisons"]}
+    assert sorted(summary) == ["CoPD branch arith - expert arith, own domain",
+                               "CoPD branch reverse - expert reverse, own domain",
+                               "CoPD merged - experts merged"]  # fmt: skip
+
+    def problems(mode: str, s: int) -> dict:
+        return json.loads((out / "runs" / mode / f"seed{s}" / "eval_problems.json").read_text())
+
+    def diff(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys() and len(a) == 8
+        return statistics.fmean(a[k] - b[k] for k in a)
+
+    merged = summary["CoPD merged - experts merged"]
+    per_seed = [statistics.fmean(diff(problems("copd", s)["merged"][c],
+                                      problems("expert", s)["merged"][c])
+                                 for c in ("arith", "reverse")) for s in (1, 2)]  # fmt: skip
+    assert merged["per_seed"] == pytest.approx(per_seed)
+    assert merged["lo"] <= merged["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert merged["mean"] <= merged["hi"]
+    own = summary["CoPD branch arith - expert arith, own domain"]
+    assert own["capabilities"] == ["arith"]
+    assert own["per_seed"] == pytest.approx([diff(problems("copd", s)["branch arith"]["arith"],
+                                                  problems("expert", s)["branch arith"]["arith"])
+                                             for s in (1, 2)])  # fmt: skip
+    head = report.index("| CoPD merged - experts merged | arith, reverse | ")
+    assert head < report.index("## Accuracy")
+    row = report[head:].splitlines()[0]
+    assert ("no difference shown" in row) == merged["contains_zero"]
+
+
 def test_study_two_modes_two_seeds_writes_the_report_from_the_runs(tmp_path):
     out = tmp_path / "study"
     _study(tmp_path, out, "copd,expert", "1,2")
@@ -62,6 +95,7 @@ def test_study_two_modes_two_seeds_writes_the_report_from_the_runs(tmp_path):
     evals = list((out / "runs").glob("*/seed*/eval.json"))
     assert len(evals) == 4 and sum("base" in json.loads(f.read_text()) for f in evals) == 1
     _check_table(out, report)
+    _check_comparisons(out, report)
     assert "| copd |" in report and "| expert |" in report  # wall time per mode
     # curves: the copd run logged probes and merged evaluations every 2 steps
     path = out / "runs/copd/seed1/metrics/arith.jsonl"

@@ -1,9 +1,11 @@
 """From config to data: built-in shards, per-branch readers, tokenised prompts.
 
-A branch's ``data`` is a capability name (``arith``), a union of them (``arith+reverse``, the
-``mixed`` baseline), or a directory holding ``train-*.tar`` / ``eval-*.tar`` shards. Capability
-names resolve to ``<data.dir>/<name>/``; with ``data.dir`` empty the built-in synthetic
-capabilities are generated once under ``RUN/data`` by global rank 0 (the others wait).
+A branch's ``data`` is a capability name (``arith``, or a reasoning-gym task ``rg:<task>`` with
+its options in ``data.reasoning_gym.<task>``), a union of them (``arith+reverse``, the ``mixed``
+baseline), or a directory holding ``train-*.tar`` / ``eval-*.tar`` shards. Capability names
+resolve to ``<data.dir>/<name>/`` (``rg_<task>/`` for reasoning-gym); with ``data.dir`` empty the
+built-in synthetic capabilities and reasoning-gym tasks are generated once under ``RUN/data``
+by global rank 0 (the others wait).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from copd_mega.config import Config, ConfigError, DataConfig
+from copd_mega.data import reasoning_gym
 from copd_mega.data.cli import main as data_main
 from copd_mega.data.reader import ShardReader
 from copd_mega.data.synthetic import CAPABILITIES
@@ -35,6 +38,8 @@ def capabilities_of(spec: str) -> list[str]:
 
 
 def _cap_dir(cfg: Config, cap: str) -> Path:
+    if reasoning_gym.is_task(cap):
+        return data_root(cfg) / reasoning_gym.dir_name(cap)
     p = Path(cap)
     return p if p.is_absolute() or os.sep in cap else data_root(cfg) / cap
 
@@ -78,6 +83,9 @@ def prepare_data(cfg: Config) -> Path:
                 argv = ["synth", "--capability", cap, "--out", str(root), "--seed",
                         str(cfg.data.seed), "--n-train", str(cfg.data.n_train),
                         "--n-eval", str(cfg.data.n_eval)]  # fmt: skip
+                if reasoning_gym.is_task(cap):
+                    opts = cfg.data.reasoning_gym.get(reasoning_gym.task_of(cap), {})
+                    argv += ["--rg-options", json.dumps(opts)]
                 if data_main(argv) != 0:
                     raise RuntimeError(f"synthesising {cap!r} under {root} failed (see above)")
         if not tok_path.exists():
@@ -115,14 +123,38 @@ def _convert_hf_once(cfg: Config, leader: bool) -> None:
 def check_branch_data(cfg: Config, root: Path) -> None:
     """Every data name of every branch is a built-in capability or holds shards already
     (checked on every rank before rank 0 synthesises anything); the error names the setting."""
+    check_reasoning_gym(cfg)
     for i, b in enumerate(cfg.branches):
         for cap in capabilities_of(b.data) or [""]:
             if cap in CAPABILITIES or sorted(_cap_dir(cfg, cap).glob("train-*.tar")):
+                continue
+            if reasoning_gym.is_task(cap):
+                try:
+                    reasoning_gym.check_task(
+                        cap, cfg.data.reasoning_gym.get(reasoning_gym.task_of(cap))
+                    )
+                except ValueError as e:
+                    raise ConfigError(f"branches.{i}.data={b.data!r}: {e}") from e
                 continue
             raise ConfigError(
                 f"branches.{i}.data={b.data!r}: {cap!r} is neither a built-in capability "
                 f"({', '.join(CAPABILITIES)}) nor a folder with train-*.tar shards under {root}; "
                 f"fix branches.{i}.data or set data.dir to the folder that holds it"
+            )
+
+
+def check_reasoning_gym(cfg: Config) -> None:
+    """``data.reasoning_gym`` maps task names the branches use (``rg:<task>``) to mappings."""
+    used = {reasoning_gym.task_of(c) for b in cfg.branches for c in capabilities_of(b.data)
+            if reasoning_gym.is_task(c)}  # fmt: skip
+    if not isinstance(cfg.data.reasoning_gym, dict):
+        raise ConfigError(f"data.reasoning_gym must be a mapping task -> options, got "
+                          f"{cfg.data.reasoning_gym!r}")  # fmt: skip
+    for task, opts in cfg.data.reasoning_gym.items():
+        if task not in used or not isinstance(opts, dict):
+            raise ConfigError(
+                f"data.reasoning_gym.{task}: give options (a mapping) only for tasks a branch "
+                f"names as rg:<task> (used: {sorted(used) or 'none'}); got {opts!r}"
             )
 
 
@@ -156,7 +188,7 @@ class PromptCodec:
         self.path = Path(tokenizer_path)
         self.tok = load_tokenizer(self.path)
         ids = special_ids(self.tok)
-        self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+        self.bos, self.eos, self.pad, self.unk = ids["bos"], ids["eos"], ids["pad"], ids["unk"]
         self.image = ids["image"]  # the <image> slot a vision model fills with a medium
         self.template = template
 
@@ -167,12 +199,24 @@ class PromptCodec:
     def prompt_ids(self, prompt: str, num_media: int = 0) -> list[int]:
         """``[bos] + ids(template.format(prompt=prompt))``, with one ``<image>`` per medium
         after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`)."""
-        ids = [self.bos] + self.tok.encode(self.template.format(prompt=prompt)).ids
+        ids = [self.bos] + self._ids(self.template.format(prompt=prompt))
         return with_placeholders(ids, num_media, self.image, self.bos) if num_media else ids
 
     def answer_ids(self, answer: str) -> list[int]:
         """``ids(answer) + [eos]``: the target of supervised pretraining."""
-        return self.tok.encode(answer).ids + [self.eos]
+        return self._ids(answer) + [self.eos]
+
+    def _ids(self, text: str) -> list[int]:
+        """Ids of ``text``; ConfigError naming the characters the vocabulary lacks."""
+        enc = self.tok.encode(text)
+        if self.unk in enc.ids:
+            pairs = zip(enc.ids, enc.offsets, strict=True)
+            bad = sorted({text[a:b] for t, (a, b) in pairs if t == self.unk})
+            raise ConfigError(
+                f"the character tokenizer {self.path} has no token for {bad} in {text[:80]!r}; "
+                "use data without them or a model with its own tokenizer (checkpoint.init_from_hf)"
+            )
+        return enc.ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of a response, cut at the first EOS."""

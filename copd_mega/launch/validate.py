@@ -19,6 +19,7 @@ from torch import Tensor
 
 from copd_mega.config import Config, ConfigError, validate
 from copd_mega.config_hf_dir import hf_dir_present
+from copd_mega.data import reasoning_gym
 from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_prompt
 from copd_mega.data.tokenizer import build_tokenizer
 from copd_mega.hf.init_from_hf import hf_init_dir
@@ -122,7 +123,8 @@ def prompt_positions_bound(cfg: Config) -> int:
     caps = sorted({c for b in cfg.branches for c in capabilities_of(b.data)})
     unknown = [c for c in caps if c not in CAPABILITIES]
     for i, b in enumerate(cfg.branches):  # a bare name that is no capability: most likely a typo
-        bad = [c for c in capabilities_of(b.data) if c in unknown and "/" not in c]
+        bad = [c for c in capabilities_of(b.data)
+               if c in unknown and "/" not in c and not reasoning_gym.is_task(c)]  # fmt: skip
         if bad and not cfg.data.dir:
             raise ConfigError(
                 f"branches.{i}.data={b.data!r}: {bad[0]!r} is not a built-in capability "

@@ -24,13 +24,19 @@ Reward types:
   The answer scores 1 if its option label matches the gold letter or its text equals the gold's
   option text (case- and whitespace-insensitive). With no explicit answer only a bare label
   ("B", "(B)", "B.") counts as a letter, so prose such as "A quick check..." is not read as "A".
+- ``rg``: a reasoning-gym task's own ``score_answer(extracted answer, entry)``; the gold is the
+  sample's ``rg_entry`` (:func:`gold_of`), the score may be partial credit in [0, 1].
+
+A response is *correct* (accuracy, pass@1) when its reward is 1.0 (:func:`is_correct`).
 """
 
 from __future__ import annotations
 
 import re
 
-REWARD_TYPES: tuple[str, ...] = ("math", "exact", "choice")
+from copd_mega.data import reasoning_gym
+
+REWARD_TYPES: tuple[str, ...] = ("math", "exact", "choice", reasoning_gym.REWARD_TYPE)
 Item = tuple[str, str, str]  # (response, gold, reward_type)
 
 # --- extraction ------------------------------------------------------------------------------
@@ -149,8 +155,25 @@ def _score_choice(response: str, gold: str) -> bool:
     return bool(gold_text) and _norm_text(answer) == _norm_text(gold_text)
 
 
+def gold_of(sample: dict) -> str:
+    """What a sample's response is scored against: its ``answer``, or for a reasoning-gym task
+    its ``rg_entry`` (the task's entry, which its checker needs)."""
+    return (
+        sample["rg_entry"]
+        if sample["reward_type"] == reasoning_gym.REWARD_TYPE
+        else sample["answer"]
+    )
+
+
+def is_correct(rewards):
+    """Which rewards (a tensor or array) count as a correct answer (bool, same shape): full
+    credit, 1.0. (No torch import here: the reward workers import this module.)"""
+    return rewards > 1.0 - 1e-6
+
+
 def score_one(response: str, gold: str, reward_type: str) -> float:
-    """1.0 if ``response`` answers ``gold`` under ``reward_type`` (one of ``REWARD_TYPES``), else 0.0.
+    """1.0 if ``response`` answers ``gold`` under ``reward_type`` (one of ``REWARD_TYPES``), else
+    0.0; for ``rg`` the task's score in [0, 1].
 
     No deadline: math verification can hang, so score untrusted responses via ``RewardPool``.
     Raises ValueError for an unknown ``reward_type`` or a malformed ``choice`` gold.
@@ -160,6 +183,8 @@ def score_one(response: str, gold: str, reward_type: str) -> float:
         ok = _score_math(response, gold)
     elif reward_type == "exact":
         ok = extract_answer(response) == extract_answer(gold)
+    elif reward_type == reasoning_gym.REWARD_TYPE:
+        return reasoning_gym.score(extract_answer(response), gold)
     else:
         ok = _score_choice(response, gold)
     return 1.0 if ok else 0.0

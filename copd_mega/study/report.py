@@ -5,6 +5,10 @@ Every accuracy in the table is read from a run's ``eval.json`` (the held-out gre
 names the file and row of each number. Mean and sample standard deviation (n - 1) over seeds,
 in percent; a row's ``mean`` is the mean over the capabilities, per seed, then over seeds.
 Curves come from the runs' metrics (``eval/...`` and ``probe/overlap``, :mod:`periodic_eval`).
+
+The headline is the paired comparisons (:func:`comparisons`): for each pair of models that
+matters, the per-seed difference, its mean and a 95% paired-bootstrap interval over seeds and
+eval problems (:mod:`copd_mega.study.intervals`), from the runs' ``eval_problems.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from copd_mega.ckpt.checkpoint import write_text_atomic
 from copd_mega.config import Config
 from copd_mega.launch.datasets import capabilities_of
+from copd_mega.study.intervals import align, paired_bootstrap
 from copd_mega.study.plots import caps_of, plot_curves
 
 
@@ -83,6 +88,79 @@ def collect(out: Path, cfg: Config, runs) -> dict:
     return {"capabilities": caps, "seeds": seeds, "rows": rows}
 
 
+def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str, str], list]]:
+    """(name, (run label, eval row) of A, of B, capabilities) of every pair that matters:
+    CoPD merged against mixed, static OPD and the merged experts; each CoPD branch against the
+    expert of its own domain."""
+    labels, caps = {r.label for r in runs}, caps_of(cfg)
+    if "copd" not in labels:
+        return []
+    merged, specs = ("copd", "merged"), []
+    if "mixed" in labels:
+        specs.append(("CoPD merged - mixed", merged, ("mixed", "final (mixed)"), caps))
+    for b in cfg.branch_names:
+        if f"static_opd-{b}" in labels:
+            specs.append((f"CoPD merged - static OPD (student {b})", merged,
+                          (f"static_opd-{b}", f"final ({b})"), caps))  # fmt: skip
+    if "expert" in labels:
+        specs.append(("CoPD merged - experts merged", merged, ("expert", "merged"), caps))
+        for b in cfg.branches:
+            specs.append((f"CoPD branch {b.name} - expert {b.name}, own domain",
+                          ("copd", f"branch {b.name}"), ("expert", f"branch {b.name}"),
+                          capabilities_of(b.data)))  # fmt: skip
+    return specs
+
+
+def comparisons(cfg: Config, runs) -> list[dict]:
+    """Every pair of :func:`pair_specs` with its paired differences and 95% interval (fractions);
+    a pair whose runs lack ``eval_problems.json`` has ``missing`` instead."""
+    by = {(r.label, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    out = []
+    for name, (la, ra), (lb, rb), caps in pair_specs(cfg, runs):
+        files = [(_source(by[(la, s)]) / "eval_problems.json",
+                  _source(by[(lb, s)]) / "eval_problems.json") for s in seeds]  # fmt: skip
+        missing = [str(f) for pair in files for f in pair if not f.exists()]
+        if missing:
+            out.append({"pair": name, "capabilities": caps, "missing": missing})
+            continue
+        diffs = []
+        for fa, fb in files:
+            pa, pb = json.loads(fa.read_text())[ra], json.loads(fb.read_text())[rb]
+            diffs.append([align(pa[c], pb[c], f"{name}, {c}") for c in caps])
+        d = paired_bootstrap(diffs)
+        out.append({"pair": name, "capabilities": caps, "seeds": seeds, "mean": d.mean,
+                    "lo": d.lo, "hi": d.hi, "per_seed": list(d.per_seed),
+                    "contains_zero": d.contains_zero})  # fmt: skip
+    return out
+
+
+def reading(c: dict) -> str:
+    """The interval in words: which side wins, or that it contains 0."""
+    a, b = (x.strip() for x in c["pair"].split(" - ", 1))
+    if c["contains_zero"]:
+        return "interval contains 0: no difference shown"
+    return f"{a} ahead" if c["lo"] > 0 else f"{a} behind {b}"
+
+
+def comparison_lines(comps: list[dict]) -> list[str]:
+    """The headline table (points: percent of problems)."""
+    lines = [
+        "| comparison (A - B) | capabilities | per seed | mean | 95% interval | reading |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comps:
+        caps = ", ".join(c["capabilities"])
+        if "missing" in c:
+            lines.append(f"| {c['pair']} | {caps} | - | - | - | no per-problem results "
+                         f"({len(c['missing'])} eval_problems.json missing) |")  # fmt: skip
+            continue
+        per = " / ".join(f"{100 * v:+.1f}" for v in c["per_seed"])
+        lines.append(f"| {c['pair']} | {caps} | {per} | {100 * c['mean']:+.1f} | "
+                     f"[{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {reading(c)} |")  # fmt: skip
+    return lines
+
+
 def wall_times(out: Path, runs) -> dict:
     """Seconds per mode: mean over seeds of the sum of the mode's runs (``study_time.json``)."""
     per: dict[str, dict[int, float]] = {}
@@ -112,11 +190,17 @@ def _cell(row: dict, c: str) -> str:
     return f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def markdown(data: dict, times: dict, plots: list[str], shared: int) -> str:
+def markdown(data: dict, times: dict, plots: list[str], shared: int, comps: list[dict]) -> str:
     caps = data["capabilities"]
     seeds = ", ".join(str(s) for s in data["seeds"])
     lines = [
         "# copd study", "",
+        f"Paired differences A - B in held-out greedy pass@1 (points), seeds {seeds}: per seed, "
+        "their mean, and a 95% paired-bootstrap interval over seeds and eval problems (the same "
+        "problems for A and B; `copd_mega/study/intervals.py`). A pair whose interval contains 0 "
+        "shows no difference.", "",
+        *comparison_lines(comps), "",
+        "## Accuracy", "",
         f"Held-out greedy pass@1 (%), mean ± sample std over seeds {seeds}; each number is read "
         "from a run's `eval.json` (`summary.json` names the file and row of each).", "",
         "| model | " + " | ".join(caps) + " | mean |",
@@ -144,10 +228,12 @@ def write_report(out: Path, cfg: Config, runs, shared: int) -> Path:
     """Write summary.json, the plots and report.md (each beside, then swapped in)."""
 
     data = collect(out, cfg, runs)
+    comps = comparisons(cfg, runs)
     times = wall_times(out, runs)
     plots = plot_curves(out, cfg, runs)
-    write_text_atomic(out / "summary.json", json.dumps({**data, "wall_time": times}, indent=2))
+    summary = {**data, "comparisons": comps, "wall_time": times}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     report = out / "report.md"
     write_text_atomic(report, markdown(data, times, [str(p.relative_to(out)) for p in plots],
-                                       shared))  # fmt: skip
+                                       shared, comps))  # fmt: skip
     return report

@@ -1,7 +1,10 @@
 """Greedy pass@1 per capability on held-out data; ``copd eval`` for saved model checkpoints.
 
 Each DP rank of a branch evaluates its share of the eval split (read in file order); sums are
-reduced over the branch's DP group, so every rank returns the same accuracies.
+reduced over the branch's DP group, so every rank returns the same accuracies. A response is
+correct when its reward is 1.0 (``rewards.is_correct``). With ``problems`` given, every rank also
+gets the per-problem results (sample id -> 1/0), gathered over the DP group: the paired
+comparisons of ``copd study`` resample them.
 """
 
 from __future__ import annotations
@@ -21,16 +24,25 @@ from copd_mega.models.multimodal import generate, prompts_and_media
 from copd_mega.models.vlm import build_vlm
 from copd_mega.parallel import comm
 from copd_mega.rl.judge import Judge
+from copd_mega.rl.rewards import gold_of, is_correct
 from copd_mega.rl.sampling import SamplingParams
 from copd_mega.rl.vlm_sampler import make_sampler
 
 
 @torch.no_grad()
-def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0) -> dict:
+def evaluate(
+    rt: Runtime,
+    sampler,
+    judge: Judge,
+    caps: list[str],
+    limit: int = 0,
+    problems: dict | None = None,
+) -> dict:
     """Greedy accuracy per capability (``{cap: float}``) on this rank's branch model.
 
-    ``limit`` caps the samples per capability (0 = the whole eval split). Collective over the
-    branch (every rank of it calls).
+    ``limit`` caps the samples per capability (0 = the whole eval split). ``problems``, when
+    given, receives ``{cap: {sample id: 1 or 0}}`` (the branch's whole evaluation, every rank).
+    Collective over the branch (every rank of it calls).
     """
     topo, cfg = rt.topo, rt.cfg
     dp, dp_rank = topo.layout.dp, topo.dp_rank
@@ -44,19 +56,22 @@ def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0
             else min(reader.samples_per_epoch, -(-limit // dp))
         )
         samples = reader.next_batch(n) if n else []
-        correct = torch.zeros(2)
+        correct, mine = torch.zeros(2), {}
         if samples:
             prompts, media = prompts_and_media(rt.codec, samples, 1, cfg.vision.enabled)
             rolls = generate(sampler, prompts, media, params, 0)
             texts = [rt.codec.decode(r) for r in rolls.responses()]
-            items = [
-                (t, s["answer"], s["reward_type"]) for t, s in zip(texts, samples, strict=True)
-            ]
+            items = [(t, gold_of(s), s["reward_type"]) for t, s in zip(texts, samples, strict=True)]
             rewards, _ = judge.score(items)
-            correct += torch.tensor([float((rewards > 0.5).sum()), float(len(samples))])
+            right = is_correct(rewards)
+            correct += torch.tensor([float(right.sum()), float(len(samples))])
+            mine = {s["id"]: int(r) for s, r in zip(samples, right.tolist(), strict=True)}
         if dp > 1:
             correct = correct.to(rt.device)
             comm.all_reduce(correct, group=topo.pg.dp)
+        if problems is not None:
+            parts = comm.all_gather_object(mine, group=topo.pg.dp) if dp > 1 else [mine]
+            problems[cap] = {k: v for part in parts for k, v in part.items()}
         out[cap] = float(correct[0] / max(correct[1], 1.0))
     return out
 
@@ -65,10 +80,13 @@ def format_table(rows: dict[str, dict[str, float]], caps: list[str]) -> str:
     """Accuracy table: one row per model, one column per capability (percent); '-' where a row
     has no number (e.g. an expert outside its domain), and then no mean."""
     width = max(len(r) for r in rows) + 2
-    head = "model".ljust(width) + "".join(c.rjust(10) for c in caps) + "      mean"
+    cols = [max(10, len(c) + 2) for c in caps]  # long names (rg:basic_arithmetic) stay apart
+    head = "model".ljust(width) + "".join(c.rjust(w) for c, w in zip(caps, cols, strict=True))
+    head += "      mean"
     lines = [head, "-" * len(head)]
     for name, accs in rows.items():
-        cells = "".join(f"{100 * accs[c]:10.1f}" if c in accs else "-".rjust(10) for c in caps)
+        cells = "".join(f"{100 * accs[c]:{w}.1f}" if c in accs else "-".rjust(w)
+                        for c, w in zip(caps, cols, strict=True))  # fmt: skip
         full = all(c in accs for c in caps)
         mean = f"{100 * sum(accs[c] for c in caps) / len(caps):10.1f}" if full else "-".rjust(10)
         lines.append(name.ljust(width) + cells + mean)

@@ -81,6 +81,8 @@ class BranchJob(RuntimeView):
     logger: MetricsLogger
     ref: BranchModel | None = None  # frozen reference policy, only when grpo.kl_coef > 0
     timings: dict[str, float] = field(default_factory=dict)
+    # final evaluation per problem: table row -> capability -> sample id -> 1/0 (every rank)
+    problems: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -225,8 +227,11 @@ def evaluate_all_branches(job: BranchJob, tag_of_branch) -> dict[str, dict[str, 
     ``tag_of_branch(name)`` names the table row of a branch (e.g. ``"branch arith"``).
     Collective over the world.
     """
-    accs = evaluate(job.rt, job.sampler, job.judge, eval_caps(job.cfg), job.cfg.data.n_eval)
-    return _gather_rows(job, {tag_of_branch(job.name): accs})
+    tag, problems = tag_of_branch(job.name), {}
+    accs = evaluate(job.rt, job.sampler, job.judge, eval_caps(job.cfg), job.cfg.data.n_eval,
+                    problems)  # fmt: skip
+    job.problems.update(_gather_rows(job, {tag: problems}))
+    return _gather_rows(job, {tag: accs})
 
 
 def evaluate_shared_model(job: BranchJob, label: str) -> dict[str, dict[str, float]]:
@@ -236,8 +241,10 @@ def evaluate_shared_model(job: BranchJob, label: str) -> dict[str, dict[str, flo
     """
     caps = eval_caps(job.cfg)
     idx, nb = job.rt.topo.branch.index, len(job.cfg.branches)
-    accs = evaluate(job.rt, job.sampler, job.judge, caps[idx::nb], job.cfg.data.n_eval)
-    merged = _gather_rows(job, accs)
+    problems: dict = {}
+    accs = evaluate(job.rt, job.sampler, job.judge, caps[idx::nb], job.cfg.data.n_eval, problems)
+    merged, per_problem = _gather_rows(job, accs), _gather_rows(job, problems)
+    job.problems[label] = {c: per_problem[c] for c in caps}
     return {label: {c: merged[c] for c in caps}}
 
 
@@ -251,12 +258,16 @@ def _gather_rows(job: BranchJob, mine: dict) -> dict:
 
 
 def write_eval(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
-    """Print the evaluation table and save it as RUN/eval.json (global rank 0)."""
+    """Print the evaluation table and save it as RUN/eval.json, and the per-problem results of
+    its rows (``job.problems``: row -> capability -> sample id -> 1/0) as
+    RUN/eval_problems.json, written first (global rank 0)."""
     if dist.get_rank() != 0:
         return
     caps = eval_caps(job.cfg)
     print("\nheld-out greedy accuracy (%)\n" + format_table(table, caps), flush=True)
-    write_text_atomic(Path(job.cfg.run_dir) / "eval.json", json.dumps(table, indent=2))
+    run = Path(job.cfg.run_dir)
+    write_text_atomic(run / "eval_problems.json", json.dumps(job.problems, sort_keys=True))
+    write_text_atomic(run / "eval.json", json.dumps(table, indent=2))
 
 
 def save_final(job: BranchJob, sub: str, branch: str | None = None) -> Path:

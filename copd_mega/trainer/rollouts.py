@@ -18,6 +18,7 @@ from copd_mega.models.multimodal import RowMedia, generate, prompts_and_media
 from copd_mega.parallel.exchange import pack_rollouts
 from copd_mega.rl.batches import Rows, grpo_rows
 from copd_mega.rl.losses import grpo_advantages
+from copd_mega.rl.rewards import gold_of, is_correct
 from copd_mega.rl.sampling import Rollouts, SamplingParams
 from copd_mega.trainer.job import BranchJob
 
@@ -71,7 +72,7 @@ def reward_and_advantages(job: BranchJob, samples: list[dict], rolls: Rollouts):
     responses = [row[2 + int(row[0]) : 2 + int(row[1])].tolist() for row in host]
     texts = [job.rt.codec.decode(r) for r in responses]
     gold = [s for s in samples for _ in range(g.group_size)]
-    items = [(t, s["answer"], s["reward_type"]) for t, s in zip(texts, gold, strict=True)]
+    items = [(t, gold_of(s), s["reward_type"]) for t, s in zip(texts, gold, strict=True)]
     rewards, status = job.judge.score(items)
     rewards = rewards.to(dev)
     adv = grpo_advantages(rewards, g.group_size, g.adv_eps)
@@ -80,6 +81,6 @@ def reward_and_advantages(job: BranchJob, samples: list[dict], rolls: Rollouts):
     resp_len = (rolls.lengths - rolls.prompt_lens).float()
     counts = torch.tensor([len(items), status["timeout"], status["error"]], dtype=torch.float32)
     counts = counts.to(dev)
-    sums = torch.stack([rewards.sum(), (rewards > 0.5).float().sum(), counts[0], resp_len.sum(),
+    sums = torch.stack([rewards.sum(), is_correct(rewards).float().sum(), counts[0], resp_len.sum(),
                         counts[1], counts[2]])  # fmt: skip
     return rows, sums

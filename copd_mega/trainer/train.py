@@ -249,6 +249,7 @@ def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
             table.update(evaluate_shared_model(job, label))
     else:
         table[label] = table[f"branch {final_branch}"]
+        job.problems[label] = job.problems[f"branch {final_branch}"]
     with job.timed("final_save"):
         path = save_final(job, "model", final_branch)
         comm.barrier()  # one branch writes it: every rank returns once it is on disk
