@@ -107,3 +107,19 @@ def test_copd_train_with_vllm_rl_opd_merge_resume_export(tmp_path):
     ]
     tensors = load_file(str(next(out.glob("*.safetensors"))))
     assert tensors["model.embed_tokens.weight"].shape[1] == 64
+
+
+def test_plan_counts_the_engine_weights_and_kv_cache():
+    from copd_mega.launch.memory import GIB, engine_parts, memory_parts
+
+    megatron = {p.name: p.bytes for p in memory_parts(load_config(None, []))}
+    cfg = load_config(None, [*ENGINE, "rollout.kv_cache_gb=1.5"])
+    parts = {p.name: p.bytes for p in memory_parts(cfg)}
+    assert "rollout KV cache" in megatron and "rollout KV cache" not in parts
+    assert parts["vLLM KV cache"] == 1.5 * GIB
+    m = cfg.model  # defaults: per layer QKV (kv = 2 groups x 16) + o + SwiGLU + 2 norms, tied
+    per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    full = m.num_layers * per_layer + m.vocab_size * 64 + 64
+    assert parts["vLLM engine weights (whole model)"] == full * 2  # bf16 on GPU
+    assert [p.name for p in engine_parts(cfg)] == ["vLLM engine weights (whole model)",
+                                                   "vLLM KV cache"]  # fmt: skip
