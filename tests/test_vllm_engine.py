@@ -26,8 +26,8 @@ def _responses(r) -> list[list[int]]:
 
 SHAPES = [
     pytest.param(["parallel.tp=2"], id="tp2"),
-    # pipeline stages: layers and the output layer on the second stage
-    pytest.param(["parallel.pp=2"], id="pp2", marks=pytest.mark.slow),
+    # pipeline stages, and a tied output layer the last stage holds as a copy of the embedding
+    pytest.param(["parallel.pp=2", "model.tie_embeddings=true"], id="pp2", marks=pytest.mark.slow),
 ]
 
 
@@ -72,7 +72,7 @@ def test_vllm_config_checks():
 
 RUN = """\
 run_dir: {run}
-model: {{hidden_size: 64, num_attention_heads: 2, num_query_groups: 2, tie_embeddings: false,
+model: {{hidden_size: 64, num_attention_heads: 2, num_query_groups: 2, tie_embeddings: true,
         init_std: 0.1}}
 branches: [{{name: arith, data: arith}}, {{name: sort, data: sort}}]
 data: {{n_train: 64, n_eval: 4}}
@@ -132,9 +132,9 @@ def test_plan_counts_the_engine_weights_and_kv_cache():
     parts = {p.name: p.bytes for p in memory_parts(cfg)}
     assert "rollout KV cache" in megatron and "rollout KV cache" not in parts
     assert parts["vLLM KV cache"] == 1.5 * GIB
-    m = cfg.model  # defaults: per layer QKV (kv = 2 groups x 16) + o + SwiGLU + 2 norms, tied
+    m = cfg.model  # defaults: per layer QKV (kv = 2 groups x 16) + o + SwiGLU + 2 norms
     per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
-    full = m.num_layers * per_layer + m.vocab_size * 64 + 64
+    full = m.num_layers * per_layer + 2 * m.vocab_size * 64 + 64  # engine: untied output
     assert parts["vLLM engine weights (whole model)"] == full * 2  # bf16 on GPU
     assert [p.name for p in engine_parts(cfg)] == ["vLLM engine weights (whole model)",
                                                    "vLLM KV cache"]  # fmt: skip

@@ -163,7 +163,7 @@ def engine_parts(cfg: Config) -> list[Part]:
     training parts (an upper bound: on GPU the engine sleeps during the update)."""
     m = cfg.model
     shard, rep = layer_params(cfg)
-    embed = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+    embed = 2 * m.vocab_size * m.hidden_size  # the engine's output layer is never tied
     full = m.num_layers * (shard + rep) + embed + m.hidden_size
     return [
         Part("vLLM engine weights (whole model)", full * _elem_bytes(cfg), "rollout.engine"),

@@ -27,6 +27,7 @@ whose weights are the Megatron branch's, synced in memory after every update.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -81,7 +82,10 @@ def _kept_process_state():
 def _write_model_dir(cfg: Config, dtype: torch.dtype) -> Path:
     """A folder with only the model's ``config.json`` (the engine starts on dummy weights)."""
     out = Path(tempfile.mkdtemp(prefix="copd-vllm-"))
-    hf_config(cfg.model, str(dtype).removeprefix("torch."), {}).save_pretrained(str(out))
+    # always an untied output layer: vLLM's in-place reload keeps a tied lm_head on its old
+    # weights, so a tied model's embedding is streamed in twice (weight_sync._to_hf)
+    untied = dataclasses.replace(cfg.model, tie_embeddings=False)
+    hf_config(untied, str(dtype).removeprefix("torch."), {}).save_pretrained(str(out))
     return out
 
 

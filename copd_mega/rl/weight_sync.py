@@ -13,7 +13,8 @@ is refreshed from the training shards without a disk and without gathering the m
   generator of ``(hf_name, tensor)`` that the engine consumes as it loads, so the extra memory
   is one layer.
 
-Keys follow ``mapping.megatron_specs``; a parameter the mapping does not know is an error.
+Keys follow ``mapping.megatron_specs``; a parameter the mapping does not know is an error. A
+tied model's embedding is also sent as ``lm_head.weight`` (the engine's output layer is untied).
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def _to_hf(tensors: dict[str, torch.Tensor], layer: int, m: ModelConfig):
     names = {mp.EMBEDDING: mp.HF_EMBEDDING, mp.OUTPUT: mp.HF_LM_HEAD, mp.FINAL_NORM: mp.HF_NORM}
     for key, t in tensors.items():
         yield names[key], (t[: m.vocab_size] if key in (mp.EMBEDDING, mp.OUTPUT) else t)
+        if key == mp.EMBEDDING and m.tie_embeddings:  # the engine's output layer is untied
+            yield mp.HF_LM_HEAD, t[: m.vocab_size]
 
 
 def stream_hf_weights(
