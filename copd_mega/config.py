@@ -19,6 +19,8 @@ from copd_mega.config_hf_dir import apply_hf_model_config
 from copd_mega.config_llava import CLIP_MEAN, CLIP_STD
 from copd_mega.config_tree import ConfigError, apply_override, to_dataclass, to_dict
 
+VLLM_TIS_CAP = 2.0  # rollout.tis_cap when rollout.engine=vllm and the config sets none
+
 
 @dataclass
 class ModelConfig:
@@ -140,6 +142,11 @@ class RolloutConfig:
     logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
     tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
     max_batch_size: int = 64  # sequences per generation micro-batch (its KV cache's rows)
+    # Generating engine (docs/architecture.md, "Generation"); vllm: text models, one engine per
+    # model replica, weights synced after every update; tis_cap then defaults to 2
+    engine: str = "megatron"  # megatron | vllm
+    tp: int = 1  # vllm: generation tensor parallelism (1: the replica's leader holds the model)
+    kv_cache_gb: float = 0.5  # vllm: KV cache each engine reserves at start, GiB
 
 
 @dataclass
@@ -314,7 +321,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ck = data.get("checkpoint")
     if isinstance(ck, dict) and isinstance(ck.get("resume"), bool):  # the older boolean form
         ck["resume"] = "required" if ck["resume"] else "never"
+    tis_given = path is not None and "tis_cap" in (data.get("rollout") or {})
+    tis_given |= any(ov.split("=", 1)[0].strip() == "rollout.tis_cap" for ov in overrides or [])
     cfg = to_dataclass(data, Config)
+    if cfg.rollout.engine == "vllm" and not tis_given:  # vLLM's numerics differ from training's
+        cfg.rollout.tis_cap = VLLM_TIS_CAP
     if cfg.checkpoint.init_from_hf:  # model.*/vision.* from the HF files (mismatches are errors)
         apply_hf_model_config(cfg, given)
     validate(cfg)

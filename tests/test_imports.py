@@ -30,7 +30,8 @@ LAYERS = [
     ["copd_mega.parallel", "copd_mega.data"],
     ["copd_mega.report"],
     ["copd_mega.models", "copd_mega.ckpt"],
-    ["copd_mega.rl", "copd_mega.hf"],
+    ["copd_mega.hf"],
+    ["copd_mega.rl"],  # the vLLM engine maps weights to HF names (hf.mapping)
     ["copd_mega.launch"],
     ["copd_mega.trainer"],
     ["copd_mega.study"],

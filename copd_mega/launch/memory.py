@@ -11,6 +11,8 @@ dim, F = ffn, V = vocabulary padded to ``pad_vocab_to * t``, e = 2 bytes bf16 / 
 * **gradients**: megatron's DDP grad buffer in fp32 (``grad_reduce_in_fp32``), 4 bytes / param.
 * **optimizer**: the distributed optimizer shards fp32 master weights (bf16 models only) and
   Adam's two moments over DP: (4 + 4 + 4) / d bytes per param (8 / d for fp32 models).
+* **vLLM engine** (``rollout.engine=vllm``, instead of the rollout KV cache): the whole model
+  in the model dtype (generation TP 1) plus ``rollout.kv_cache_gb``, on top of the rest.
 * **rollout KV cache**: one generation micro-batch: ``rollout.max_batch_size`` sequences x
   (longest prompt + ``rollout.max_new_tokens``) x L/p layers x 2 (K, V) x kv/t x e.
 * **log-prob chunk**: ``parallel.micro_batch_size`` x ``rollout.logprob_chunk`` x V/t x 4 bytes
@@ -134,11 +136,17 @@ def memory_parts(cfg: Config) -> list[Part]:
         Part("weights", local * e, "parallel.tp / parallel.pp"),
         Part("gradients (fp32 buffer)", local * 4, "parallel.tp / parallel.pp"),
         Part("optimizer (distributed over DP)", local * optimizer, "parallel.dp"),
-        Part(
-            "rollout KV cache",
-            r.max_batch_size * seq * (m.num_layers // p.pp) * 2 * kv / p.tp * e,
-            "rollout.max_batch_size",
-        ),
+        *(
+            engine_parts(cfg)
+            if r.engine == "vllm"
+            else [
+                Part(
+                    "rollout KV cache",
+                    r.max_batch_size * seq * (m.num_layers // p.pp) * 2 * kv / p.tp * e,
+                    "rollout.max_batch_size",
+                )
+            ]
+        ),  # fmt: skip
         Part(
             "log-prob chunk",
             p.micro_batch_size * chunk * vocab_local * 4 * 2,
@@ -146,6 +154,20 @@ def memory_parts(cfg: Config) -> list[Part]:
         ),
         Part("activations (no recompute)", activation_bytes(cfg, seq), "parallel.micro_batch_size"),
         Part("runtime reserve", RESERVE_BYTES, ""),
+    ]
+
+
+def engine_parts(cfg: Config) -> list[Part]:
+    """``rollout.engine=vllm``: each GPU's engine holds the whole model (``rollout.tp=1``) in
+    the model dtype and reserves ``rollout.kv_cache_gb`` of KV cache. Counted on top of the
+    training parts (an upper bound: on GPU the engine sleeps during the update)."""
+    m = cfg.model
+    shard, rep = layer_params(cfg)
+    embed = 2 * m.vocab_size * m.hidden_size  # the engine's output layer is never tied
+    full = m.num_layers * (shard + rep) + embed + m.hidden_size
+    return [
+        Part("vLLM engine weights (whole model)", full * _elem_bytes(cfg), "rollout.engine"),
+        Part("vLLM KV cache", cfg.rollout.kv_cache_gb * GIB, "rollout.kv_cache_gb"),
     ]
 
 

@@ -42,7 +42,7 @@ from copd_mega.report.metrics import MetricsLogger
 from copd_mega.rl.judge import Judge
 from copd_mega.rl.sampling import RolloutEngine
 from copd_mega.rl.schedule import ScheduleState, StepPlan
-from copd_mega.rl.vlm_sampler import make_sampler
+from copd_mega.rl.vllm_engine import make_rollout_engine
 from copd_mega.trainer.evaluate import evaluate, format_table
 
 
@@ -71,7 +71,7 @@ class BranchJob(RuntimeView):
 
     rt: Runtime
     bm: BranchModel
-    sampler: RolloutEngine  # MegatronSampler, or VLMSampler with vision.enabled
+    sampler: RolloutEngine  # MegatronSampler, VLMSampler (vision.enabled) or VLLMEngine
     judge: Judge
     native: ShardReader  # the branch's own training data
     peers: dict[str, ShardReader]  # teacher branch -> reader of that teacher's prompts
@@ -126,7 +126,7 @@ def build_job(cfg: Config) -> BranchJob:
         for s, t in edges if s == me
     }  # fmt: skip
     job = BranchJob(
-        rt=rt, bm=bm, sampler=make_sampler(bm.model, topo, cfg, rt.codec), judge=Judge.from_config(topo, rt.device, cfg.rewards),
+        rt=rt, bm=bm, sampler=make_rollout_engine(bm.model, topo, cfg, rt.codec), judge=Judge.from_config(topo, rt.device, cfg.rewards),
         native=native, peers=peers, plan=plan, state=ScheduleState(), edges=edges, ref=ref,
         logger=MetricsLogger(
             cfg.run_dir, me, topo.is_branch_leader, len(plan), cfg.logging.wandb,

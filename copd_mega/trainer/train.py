@@ -29,6 +29,7 @@ from copd_mega.rl.batches import Rows, concat_rows, microbatches
 from copd_mega.rl.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.rl.schedule import StepPlan, remaining_steps
 from copd_mega.rl.teacher_scores import row_logprobs
+from copd_mega.rl.vllm_engine import sync_engine
 from copd_mega.trainer.job import (
     BranchJob,
     build_job,
@@ -103,7 +104,9 @@ def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
     cfg = job.cfg
     base_file = Path(cfg.run_dir) / "eval_base.json"
     if resuming:
-        if not resume(job):
+        resumed = resume(job)
+        sync_engine(job)  # the engine generates with the restored weights
+        if not resumed:
             raise CheckpointError(f"{cfg.run_dir}/checkpoints: the checkpoint to resume from "
                                   "disappeared while the job started")  # fmt: skip
         _say(f"resumed from {Path(cfg.run_dir) / 'checkpoints'}/step_"
@@ -111,6 +114,7 @@ def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
              f"{len(job.plan)}")  # fmt: skip
         return json.loads(base_file.read_text()) if base_file.exists() else {}
     job.logger.cut_back(0)
+    sync_engine(job)  # the starting weights (fresh or checkpoint.init_from)
     if not cfg.eval.base:
         return {}
     table = evaluate_shared_model(job, "base")
@@ -157,6 +161,7 @@ def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
     if learner:
         with job.timed("train"):
             metrics_vec, stats = update(job, concat_rows(parts, pad_id=job.rt.codec.pad), loss_fn)
+        sync_engine(job)  # rollouts of the next step come from the updated weights
         record.update(stats)
         record.update(_telemetry_to_host(job, reward_sums, metrics_vec))
     return record
@@ -226,6 +231,7 @@ def merge_branches(job: BranchJob) -> None:
     weights = [b.merge_weight for b in job.cfg.branches]
     merge_in_place(job.bm.model, job.bm.optimizer, job.rt.topo, weights,
                    job.cfg.merge.optimizer_state)  # fmt: skip
+    sync_engine(job)
 
 
 def finish(job: BranchJob, table: dict[str, dict[str, float]]) -> None:
