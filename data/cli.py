@@ -23,6 +23,8 @@ from copd_mega.data.synthetic import (
     make_samples,
 )
 from copd_mega.data.tokenizer import build_tokenizer, save_tokenizer
+from copd_mega.files.disk_full import disk_full, disk_full_message
+from copd_mega.files.run_lock import lock_dir
 
 GROUPS = {"text": TEXT_CAPABILITIES, "all": CAPABILITIES}
 
@@ -122,6 +124,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exn:
         return int(exn.code or 0)
     console = Console(stderr=True, markup=False, highlight=False)
+    lock_dir(args.out, ancestors=True)  # not while another job writes this folder or its run
     try:
         if args.command == "pack":
             paths = pack_jsonl(
@@ -137,6 +140,13 @@ def main(argv: list[str]) -> int:
             _synth(args, console)
     except (ValueError, FileNotFoundError) as exn:
         print(f"copd data {args.command}: error: {exn}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as exn:
+        if not disk_full(exn, args.out):
+            raise
+        kept = "nothing was lost: shards already there are untouched, the partial ones removed"
+        print(f"copd data {args.command}: error: {disk_full_message(args.out, 'shards', kept)}",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

@@ -48,6 +48,7 @@ from copd_mega.config import (
     save_config,
     to_dict,
 )
+from copd_mega.files.run_lock import lock_dir
 from copd_mega.launch.datasets import capabilities_of
 from copd_mega.parallel.dist import free_port
 from copd_mega.rl.schedule import MODES, build_plan
@@ -318,6 +319,7 @@ def prepare(args) -> tuple[Study, Path, list[str]]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder for the study")
     modes, seeds = parse_modes(args.modes), parse_seeds(args.seeds)
+    lock_dir(out)  # one study per folder (each run also locks its own run directory)
     cfg = load_config(
         args.config or default_config_path(), [*args.overrides, f"run_dir={out}/base"]
     )
