@@ -24,7 +24,7 @@ from copd_mega.data.synthetic import (
 )
 from copd_mega.data.tokenizer import build_tokenizer, save_tokenizer
 from copd_mega.files.disk_full import disk_full, disk_full_message
-from copd_mega.files.run_lock import lock_dir
+from copd_mega.files.run_lock import lock_enclosing
 
 GROUPS = {"text": TEXT_CAPABILITIES, "all": CAPABILITIES}
 
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exn:
         return int(exn.code or 0)
     console = Console(stderr=True, markup=False, highlight=False)
-    lock_dir(args.out, ancestors=True)  # not while another job writes this folder or its run
+    lock_enclosing(args.out)  # not while a job writes the run directory --out lies in
     try:
         if args.command == "pack":
             paths = pack_jsonl(

@@ -301,8 +301,7 @@ def test_find_resume_step_prefers_latest_and_skips_incomplete(tmp_path):
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert find_resume_step(tmp_path).name == "step_000010"
     assert any(
-        "step_000020" in ln and "branch_a/metadata.json" in ln
-        for ln in err.getvalue().splitlines()
+        "step_000020" in ln and "branch_a/metadata.json" in ln for ln in err.getvalue().splitlines()
     )
     assert find_resume_step(tmp_path / "nothing") is None
 

@@ -16,8 +16,13 @@ import shutil
 from pathlib import Path
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded",
-              "no space left on the filesystem of")  # the last: disk_full_message's own words
+_FULL_TEXT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "StorageFull",
+    "QuotaExceeded",
+    "no space left on the filesystem of",
+)  # the last: disk_full_message's own words
 _SHORT_WRITE = ("unexpected pos", "file write failed", "write failed")
 LOW_SPACE_BYTES = 16 * 2**20  # "full" when a short write left less than this free
 

@@ -1,10 +1,11 @@
 """One job per run directory: an exclusive ``fcntl.flock`` on ``DIR/.copd.lock``.
 
-Every command that writes a run directory (``copd train``, ``pretrain``, ``study``, ``data
-pack``/``synth``) calls :func:`lock_dir` before it writes anything. The lock belongs to the open
+Every command that writes a run directory calls :func:`lock_dir` before it writes anything
+(``copd train``, ``pretrain``, ``study``); ``copd data pack``/``synth`` call
+:func:`lock_enclosing`, which takes the lock of every run directory the output lies in. The lock belongs to the open
 file, which stays open for the life of the process, so the kernel releases it when the process
 ends in any way (exit, exception, SIGKILL, a node reboot): a killed job never leaves a stale
-lock, and there is nothing to clean up. The file is opened ``O_CLOEXEC``, so programs the job
+lock, and there is nothing to clean up (the file stays, the lock does not). The file is opened ``O_CLOEXEC``, so programs the job
 starts (reward workers are spawned, study runs are subprocesses) do not inherit it.
 
 A second job finds the lock taken and stops at once with one line naming the holder, read from
@@ -100,25 +101,27 @@ def _take(lock: Path, what: Path) -> None:
     _HELD[str(lock)] = fd
 
 
-def lock_dir(path: str | Path, ancestors: bool = False) -> Path:
+def lock_dir(path: str | Path) -> Path:
     """Hold ``path``'s lock (creating the folder) until this process exits; returns ``path``.
-
-    ``ancestors``: also the lock of every enclosing folder that has a lock file, up to the
-    first this process holds (``copd data pack --out RUN/data`` stops while a job holds RUN).
-    Raises RunDirBusy naming the holder, RunDirError when ``path`` is a file.
-    """
+    Raises RunDirBusy naming the holder, RunDirError when ``path`` is a file."""
     path = _directory(Path(path))
     lock = (path / LOCK_FILE).resolve()
     if str(lock) not in _HELD:
         _take(lock, path)
-    if ancestors:
-        for parent in lock.parent.parents:
-            above = parent / LOCK_FILE
-            if str(above) in _HELD:
-                break
-            if above.is_file():
-                _take(above, parent)
     return path
+
+
+def lock_enclosing(path: str | Path) -> None:
+    """Hold the lock of ``path`` and of every folder above it that has a lock file (a run
+    directory), up to the first this process holds; creates nothing. ``copd data pack --out
+    RUN/data`` (or ``--out RUN``) so stops while a job holds RUN, and holds RUN while it packs."""
+    p = Path(path).resolve()
+    for folder in [p, *p.parents]:
+        lock = folder / LOCK_FILE
+        if str(lock) in _HELD:
+            return
+        if lock.is_file():
+            _take(lock, folder)
 
 
 def held(path: str | Path) -> bool:
