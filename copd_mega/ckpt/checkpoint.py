@@ -16,10 +16,12 @@ Layout of a resume root (``RUN/checkpoints``)::
     step_000120/complete.json     written after every rank finished
     latest                        "step_000120", written last (temp file + os.replace)
 
-A step is used only when every file the loader reads is there (``incomplete_reason``); anything
-else is named in a warning and skipped, so a job killed mid-save resumes from the previous step.
+A step is used only when every file the loader reads is there and reads back with the size and
+checksum recorded at save (``verify.incomplete_reason``); anything else is named in one line and
+skipped, so a job killed mid-save, or a step damaged later, resumes from the previous step. A
+failed save (a full disk) ends every rank with one line and removes the uncommitted folder.
 Retention deletes nothing until a newer step is complete, and never deletes a committed step
-that lacks files (a damaged copy whose weights may be intact). Nothing is overwritten in place: a
+that lacks files or does not read back (a damaged copy). Nothing is overwritten in place: a
 step folder saved again is first renamed aside, a model directory is written as ``PATH.partial``
 and swapped in.
 Layer ``_extra_state`` objects (TransformerEngine FP8 metadata) are not saved: no FP8 is used.

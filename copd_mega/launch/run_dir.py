@@ -32,5 +32,6 @@ def claim_run_dir(cfg: Config) -> None:
             error = (type(e).__name__, str(e))
     error = comm.broadcast_object(error)
     if error is not None:
+        comm.destroy_process_group()  # the job ends here, on every rank
         kind = RunDirBusy if error[0] == RunDirBusy.__name__ else RunDirError
         raise everywhere(kind(error[1]))
