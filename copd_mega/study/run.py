@@ -319,12 +319,11 @@ def prepare(args) -> tuple[Study, Path, list[str]]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder for the study")
     modes, seeds = parse_modes(args.modes), parse_seeds(args.seeds)
-    lock_dir(out)  # one study per folder (each run also locks its own run directory)
     cfg = load_config(
         args.config or default_config_path(), [*args.overrides, f"run_dir={out}/base"]
     )
     check_modes(cfg, modes)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_dir(out)  # one study per folder (each run also locks its own run directory)
     config_path = out / "config.yaml"
     if config_path.exists():
         old = load_config(config_path, [])
