@@ -105,3 +105,29 @@ def test_disk_full_at_data_pack_is_one_line_and_keeps_the_old_shards(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]
         assert (out / "train-000000.tar").read_bytes() == old
     shutil.rmtree(tmp_path / "disk", ignore_errors=True)
+
+
+def test_disk_full_is_recognised_in_every_form_it_takes(tmp_path):
+    import errno
+
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from copd_mega.files.disk_full import disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full(full, tmp_path) and disk_full(OSError(errno.EDQUOT, "quota"), tmp_path)
+    wrapped = CheckpointException("save", {0: (full, None)})  # what dcp raises, per rank
+    assert disk_full(wrapped, tmp_path)
+    text = "Error while serializing: IoError(Os { code: 28, kind: StorageFull })"  # safetensors
+    assert disk_full(Exception(text), tmp_path)
+    try:
+        raise RuntimeError("boom") from OSError(errno.EIO, "I/O error")
+    except RuntimeError as e:
+        assert not disk_full(e, tmp_path)
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert not disk_full(short, tmp_path)  # a short write with room left is no full disk
+    with small_disk(tmp_path / "disk", 64) as disk:
+        with pytest.raises(BaseException) as caught:  # torch's zip writer on a full disk
+            torch.save(torch.zeros(64 * 1024), disk / "t.pt")
+        assert disk_full(caught.value, disk / "t.pt"), repr(caught.value)
