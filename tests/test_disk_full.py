@@ -131,3 +131,19 @@ def test_disk_full_is_recognised_in_every_form_it_takes(tmp_path):
         with pytest.raises(BaseException) as caught:  # torch's zip writer on a full disk
             torch.save(torch.zeros(64 * 1024), disk / "t.pt")
         assert disk_full(caught.value, disk / "t.pt"), repr(caught.value)
+
+
+def test_disk_full_when_a_step_is_saved_again_puts_the_old_copy_back(data_and_step, tmp_path):
+    from lost_cases import snapshot
+
+    data, cfg, _, step_kib = data_and_step
+    with small_disk(tmp_path / "disk", step_kib * 3 // 2) as disk:  # room for one step only
+        run = disk / "run"
+        res = copd("train", "--config", str(cfg), f"run_dir={run}", "schedule.stop_after=1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        before = snapshot(run / "checkpoints")
+        res = copd("train", "--config", str(cfg), f"run_dir={run}", "--retrain")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        (line,) = error_lines(res.stderr)
+        assert "no space left" in line and "still names step_000000" in line, line
+        assert snapshot(run / "checkpoints") == before  # set aside during the save, put back

@@ -261,6 +261,11 @@ def save_failures(root: Path, step_dir: Path):
         (step_dir / COMPLETE_FILE).unlink(missing_ok=True)
         shutil.rmtree(step_dir, ignore_errors=True)
         (root / (LATEST_FILE + ".tmp")).unlink(missing_ok=True)
+        asides = sorted(
+            root.glob(f"{step_dir.name}.replaced-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+        )
+        if asides:  # the copy this save set aside goes back in place
+            os.replace(asides[-1], step_dir)
 
     kept = f"nothing was lost: {root / LATEST_FILE} still names {latest} (the partial " \
         f"{step_dir.name} was removed)"  # fmt: skip
