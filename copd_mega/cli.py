@@ -57,8 +57,9 @@ def domain_errors() -> tuple[type[BaseException], ...]:
     from copd_mega.config import ConfigError
     from copd_mega.config_hf import UnsupportedHFModel
     from copd_mega.data.reader import DataError
+    from copd_mega.files.run_lock import RunDirError
 
-    return (ConfigError, CheckpointError, DataError, UnsupportedHFModel)
+    return (ConfigError, CheckpointError, DataError, UnsupportedHFModel, RunDirError)
 
 
 def _global_rank() -> int:

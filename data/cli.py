@@ -26,6 +26,8 @@ from copd_mega.data.synthetic import (
     make_samples,
 )
 from copd_mega.data.tokenizer import build_tokenizer, save_tokenizer
+from copd_mega.files.disk_full import disk_full, disk_full_message
+from copd_mega.files.run_lock import lock_enclosing
 
 GROUPS = {"text": TEXT_CAPABILITIES, "all": CAPABILITIES}
 
@@ -135,6 +137,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exn:
         return int(exn.code or 0)
     console = Console(stderr=True, markup=False, highlight=False)
+    lock_enclosing(args.out)  # not while a job writes the run directory --out lies in
     try:
         if args.command == "pack":
             paths = pack_jsonl(
@@ -150,6 +153,13 @@ def main(argv: list[str]) -> int:
             _synth(args, console)
     except (ValueError, FileNotFoundError) as exn:
         print(f"copd data {args.command}: error: {exn}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as exn:
+        if not disk_full(exn, args.out):
+            raise
+        kept = "nothing was lost: shards already there are untouched, the partial ones removed"
+        print(f"copd data {args.command}: error: {disk_full_message(args.out, 'shards', kept)}",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

@@ -3,7 +3,7 @@
 Every ``.py`` file of copd_mega/, parallel/ and data/ is parsed with ``ast``; every import of
 the package (at module level or inside a function) is an edge. Layers, bottom first:
 
-  config                      copd_mega.config and its helpers (copd_mega.config_*)
+  config, files               copd_mega.config and its helpers (copd_mega.config_*); run lock, disk full
   parallel, data              process groups and collectives; shards, reader, tokenizer
   report                      metrics, progress display, plots
   models, ckpt                model builders and forward/step; checkpoints
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"copd_mega": ROOT / "copd_mega", "copd_mega.parallel": ROOT / "parallel",
            "copd_mega.data": ROOT / "data"}  # fmt: skip
 LAYERS = [
-    ["copd_mega", "copd_mega.config"],
+    ["copd_mega", "copd_mega.config", "copd_mega.files"],
     ["copd_mega.parallel", "copd_mega.data"],
     ["copd_mega.report"],
     ["copd_mega.models", "copd_mega.ckpt"],

@@ -16,10 +16,12 @@ Layout of a resume root (``RUN/checkpoints``)::
     step_000120/complete.json     written after every rank finished
     latest                        "step_000120", written last (temp file + os.replace)
 
-A step is used only when every file the loader reads is there (``incomplete_reason``); anything
-else is named in a warning and skipped, so a job killed mid-save resumes from the previous step.
+A step is used only when every file the loader reads is there and reads back with the size and
+checksum recorded at save (``verify.incomplete_reason``); anything else is named in one line and
+skipped, so a job killed mid-save, or a step damaged later, resumes from the previous step. A
+failed save (a full disk) ends every rank with one line and removes the uncommitted folder.
 Retention deletes nothing until a newer step is complete, and never deletes a committed step
-that lacks files (a damaged copy whose weights may be intact). Nothing is overwritten in place: a
+that lacks files or does not read back (a damaged copy). Nothing is overwritten in place: a
 step folder saved again is first renamed aside, a model directory is written as ``PATH.partial``
 and swapped in.
 Layer ``_extra_state`` objects (TransformerEngine FP8 metadata) are not saved: no FP8 is used.
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +46,7 @@ from copd_mega.ckpt.rng_state import capture_rng, restore_rng
 from copd_mega.ckpt.sharded_state import (
     CONFIG_FILE,
     CheckpointError,
+    agreed_write,
     everywhere,
     load_dir,
     load_module,
@@ -52,13 +56,13 @@ from copd_mega.ckpt.sharded_state import (
     to_savable,
     train_sharded_state_dict,
 )
+from copd_mega.ckpt.verify import COMPLETE_FILE, MANIFEST_KEY, TRAINER_DIR, file_manifest
+from copd_mega.ckpt.verify import incomplete_reason as incomplete_reason
 from copd_mega.config import Config, save_config
 from copd_mega.parallel import comm
 
 TOKENIZER_FILE = "tokenizer.json"
-COMPLETE_FILE = "complete.json"
 LATEST_FILE = "latest"
-TRAINER_DIR = "trainer_state"
 
 
 def step_dir_name(step: int) -> str:
@@ -186,49 +190,6 @@ def _num(step_dir: Path) -> int:
     return int(step_dir.name[5:].split(".")[0])
 
 
-def _torch_dist_missing(path: Path) -> str | None:
-    """What a torch_dist load of ``path`` needs and lacks (``"<file> is missing"``), or None."""
-    for name in ("metadata.json", ".metadata", "common.pt", CONFIG_FILE):
-        if not (path / name).is_file():
-            return f"{name} is missing"
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as e:  # a torn or foreign .metadata
-        return f".metadata is unreadable ({type(e).__name__})"
-    for info in (storage or {}).values():
-        if not (path / info.relative_path).is_file():
-            return f"{info.relative_path} is missing"
-    return None
-
-
-def incomplete_reason(step_dir: Path) -> str | None:
-    """Why ``step_dir`` cannot be resumed from, or None when every file the loader reads is
-    there: ``complete.json``; per branch megatron's ``metadata.json``, torch's ``.metadata``, the
-    ``.distcp`` files it names, ``common.pt`` and ``config.yaml``; one ``trainer_state`` file per
-    saved rank and its ``config.yaml``."""
-    marker = step_dir / COMPLETE_FILE
-    if not marker.is_file():
-        return f"no {COMPLETE_FILE} (the save did not finish)"
-    try:
-        info = json.loads(marker.read_text())
-        names, world = info["branches"], int(info.get("world_size", 0))
-    except (ValueError, KeyError, TypeError):
-        return f"{COMPLETE_FILE} is unreadable"
-    for name in names:
-        missing = _torch_dist_missing(step_dir / branch_dir_name(name))
-        if missing:
-            return f"{branch_dir_name(name)}/{missing}"
-    trainer = step_dir / TRAINER_DIR
-    if not (trainer / CONFIG_FILE).is_file():
-        return f"{TRAINER_DIR}/{CONFIG_FILE} is missing"
-    for rank in range(world):
-        if not (trainer / f"rank_{rank:05d}.pt").is_file():
-            return f"{TRAINER_DIR}/rank_{rank:05d}.pt is missing"
-    return None
-
-
 def read_latest(root: str | Path) -> str | None:
     """The step directory name in ``root/latest``, or None."""
     p = Path(root) / LATEST_FILE
@@ -258,10 +219,12 @@ def scan_steps(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 
 
 def find_resume_step(root: str | Path) -> Path | None:
-    """The step to resume from (see :func:`scan_steps`); every skipped folder is warned about."""
+    """The step to resume from (see :func:`scan_steps`); each skipped folder is named in one
+    line on stderr, with the file that made it unusable."""
     chosen, skipped = scan_steps(root)
+    then = f"resuming from {chosen.name}" if chosen is not None else "no step left to resume"
     for path, why in skipped:
-        warnings.warn(f"skipping checkpoint {path}: {why}", stacklevel=2)
+        print(f"copd: skipping checkpoint {path}: {why}; {then}", file=sys.stderr, flush=True)
     return chosen
 
 
@@ -288,6 +251,27 @@ def _prepare_step_dir(root: Path, step_dir: Path, names: list[str]) -> None:
     comm.barrier()
 
 
+def save_failures(root: Path, step_dir: Path):
+    """Collective over the world around a part of a save: if any rank failed (a full disk, an
+    I/O error), every rank raises one CheckpointError naming it and rank 0 removes the
+    uncommitted ``step_dir``; ``latest`` and every committed step stay as they were."""
+    latest = read_latest(root) or "no step yet"
+
+    def discard() -> None:
+        (step_dir / COMPLETE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(step_dir, ignore_errors=True)
+        (root / (LATEST_FILE + ".tmp")).unlink(missing_ok=True)
+        asides = sorted(
+            root.glob(f"{step_dir.name}.replaced-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+        )
+        if asides:  # the copy this save set aside goes back in place
+            os.replace(asides[-1], step_dir)
+
+    kept = f"nothing was lost: {root / LATEST_FILE} still names {latest} (the partial " \
+        f"{step_dir.name} was removed)"  # fmt: skip
+    return agreed_write(step_dir, None, kept, discard)
+
+
 def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state: dict) -> Path:
     """Save every branch's model + optimizer, this rank's ``trainer_state`` and RNG for ``step``.
 
@@ -302,6 +286,27 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
     step_dir = root / step_dir_name(step)
     names = [b.name for b in topo.layout.branches]
     _prepare_step_dir(root, step_dir, names)
+    with save_failures(root, step_dir):
+        _write_rank_files(step_dir, step, bm, topo, cfg, trainer_state, rng)
+    rank = dist.get_rank()
+    with save_failures(root, step_dir):  # every rank's files are in place
+        if rank == 0:
+            lay = topo.layout
+            info = {"step": step, "branches": names, "world_size": dist.get_world_size()}
+            info["tp_pp_dp"] = [lay.tp, lay.pp, lay.dp]
+            info[MANIFEST_KEY] = file_manifest(step_dir)  # sizes and checksums, read on resume
+            write_text_atomic(step_dir / COMPLETE_FILE, json.dumps({**info, "time": time.time()}))
+            write_text_atomic(root / LATEST_FILE, step_dir.name + "\n")
+    if rank == 0:
+        _apply_retention(root, step_dir, cfg.checkpoint.keep_last)
+    comm.barrier()
+    return step_dir
+
+
+def _write_rank_files(step_dir: Path, step: int, bm, topo, cfg: Config, trainer_state: dict,
+                      rng: dict) -> None:  # fmt: skip
+    """This rank's part of a step: its branch's shards (over the branch group), its trainer
+    state and RNG, and the config files of branch leaders and rank 0."""
     state = to_savable(train_sharded_state_dict(bm, topo, loading=False), topo)
     save_dir(step_dir / branch_dir_name(topo.branch.name), state, topo.branch_group)
     if cfg.debug.crash_in_save_at_step == step:
@@ -315,16 +320,6 @@ def save_step(root: str | Path, step: int, bm, topo, cfg: Config, trainer_state:
         save_config(cfg, step_dir / branch_dir_name(topo.branch.name) / CONFIG_FILE)
     if rank == 0:
         save_config(cfg, step_dir / TRAINER_DIR / CONFIG_FILE)
-    comm.barrier()  # every rank's files are in place
-    if rank == 0:
-        lay = topo.layout
-        info = {"step": step, "branches": names, "world_size": dist.get_world_size()}
-        info["tp_pp_dp"] = [lay.tp, lay.pp, lay.dp]
-        write_text_atomic(step_dir / COMPLETE_FILE, json.dumps({**info, "time": time.time()}))
-        write_text_atomic(root / LATEST_FILE, step_dir.name + "\n")
-        _apply_retention(root, step_dir, cfg.checkpoint.keep_last)
-    comm.barrier()
-    return step_dir
 
 
 def _apply_retention(root: Path, newest: Path, keep_last: int) -> list[Path]:

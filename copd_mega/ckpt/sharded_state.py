@@ -8,6 +8,7 @@ save and load at once), loading with shape checks that fail on every rank of the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from copd_mega.files.disk_full import disk_full, disk_full_message
 from copd_mega.parallel import comm
 
 BACKEND = "torch_dist"  # megatron's name for the torch.distributed.checkpoint format
@@ -39,6 +41,39 @@ def raise_everywhere(error: str | None, group: dist.ProcessGroup | None = None) 
     first = next((e for e in comm.all_gather_object(error, group) if e), None)
     if first:
         raise everywhere(CheckpointError(first))
+
+
+@contextmanager
+def agreed_write(path: Path, group: dist.ProcessGroup | None = None, kept: str = "",
+                 on_failure: Callable[[], None] | None = None):  # fmt: skip
+    """Run the block's writes under ``path``; collective over ``group`` (default: the world)
+    when it ends: if the block raised on any rank, every rank raises the same one-line
+    CheckpointError (a full disk says so, with ``kept``: what is still intact), after
+    ``on_failure()`` ran on the group's first rank. No rank is left waiting in a collective."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    error = None
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        error = e
+    text = None if error is None else _describe(error, path, kept)
+    first = next((t for t in comm.all_gather_object(text, group) if t), None)
+    if first is None:
+        return
+    if on_failure is not None and dist.get_rank(group) == 0:
+        on_failure()
+    raise everywhere(CheckpointError(first)) from error
+
+
+def _describe(error: BaseException, path: Path, kept: str) -> str:
+    if disk_full(error, path):  # also one an inner group already agreed on: say it for path
+        fix = "lower checkpoint.keep_last, or move run_dir to a larger filesystem"
+        return disk_full_message(path, "a checkpoint", kept or "nothing was replaced", fix)
+    if getattr(error, "everywhere", False):
+        return str(error)  # already agreed by an inner group
+    text = " ".join(str(error).split())[:300]
+    return f"writing {path} failed on rank {dist.get_rank()}: {type(error).__name__}: {text}"
 
 
 def _gpt(model: Any) -> torch.nn.Module:
@@ -176,16 +211,17 @@ def save_dir(path: Path, state: dict, group: dist.ProcessGroup) -> None:
 
     sharded, common = save_preprocess(state, validate_access_integrity=False)
     by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
-    dcp.save(
-        mcore_to_pyt_state_dict(by_key, is_loading=False),
-        storage_writer=dcp.FileSystemWriter(str(path), thread_count=1),
-        planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
-        process_group=group,
-    )
-    if dist.get_rank(group) == 0:
-        torch.save(common, path / COMMON_STATE_FNAME)
-        save_config(CheckpointingConfig(BACKEND, 1), str(path))
-    comm.barrier(group)
+    with agreed_write(path, group):  # one rank's failure stops the whole branch
+        dcp.save(
+            mcore_to_pyt_state_dict(by_key, is_loading=False),
+            storage_writer=dcp.FileSystemWriter(str(path), thread_count=1),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
+            process_group=group,
+        )
+    with agreed_write(path, group):
+        if dist.get_rank(group) == 0:
+            torch.save(common, path / COMMON_STATE_FNAME)
+            save_config(CheckpointingConfig(BACKEND, 1), str(path))
 
 
 def _group_load_strategy(group: dist.ProcessGroup):

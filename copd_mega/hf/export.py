@@ -14,12 +14,15 @@ holds one layer plus the shard being filled.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from copd_mega.ckpt.checkpoint import CheckpointError
 from copd_mega.ckpt.offline import CheckpointReader
+from copd_mega.ckpt.targets import resolve_model_dir
+from copd_mega.files.disk_full import disk_full, disk_full_message
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import O_PROJ_BIAS_FAMILIES, hf_config
 from copd_mega.hf.hf_dir import (
@@ -88,7 +91,9 @@ def export_hf_tokenizer(ckpt: Path, out: Path) -> dict[str, int | None]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="copd export-hf", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="model checkpoint directory")
+    ap.add_argument("--ckpt", required=True, help="a model checkpoint, a run directory (its "
+                    "merged final/model), a step folder or RUN/checkpoints/latest")  # fmt: skip
+    ap.add_argument("--branch", default=None, help="export this branch of the run or step")
     ap.add_argument("--out", required=True, help="HF model directory to write (new or empty)")
     ap.add_argument("--max-shard-size", default="2GB", help="per safetensors file, e.g. 2GB, 500MB")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
@@ -102,12 +107,22 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=parse_size(args.max_shard_size), dtype=args.dtype,
             progress=not args.no_progress,
         )  # fmt: skip
-        if CheckpointReader(args.ckpt).config().vision.enabled:  # LlavaForConditionalGeneration
-            path = export_llava(args.ckpt, args.out, image_token_id=args.image_token_id, **kwargs)
+        ckpt = resolve_model_dir(args.ckpt, args.branch)
+        if ckpt != Path(args.ckpt):
+            print(f"exporting {ckpt}", flush=True)
+        if CheckpointReader(ckpt).config().vision.enabled:  # LlavaForConditionalGeneration
+            path = export_llava(ckpt, args.out, image_token_id=args.image_token_id, **kwargs)
         else:
-            path = export_hf(args.ckpt, args.out, **kwargs)
+            path = export_hf(ckpt, args.out, **kwargs)
     except (CheckpointError, ValueError, FileExistsError) as e:
-        print(f"copd export-hf: {e}")
+        print(f"copd export-hf: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a full disk: OSError, or safetensors' SafetensorError
+        if not disk_full(e, args.out):
+            raise
+        kept = f"nothing was lost: {args.out} was not created, the partial export removed"
+        print(f"copd export-hf: error: {disk_full_message(args.out, 'the export', kept)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(f"wrote {path}")
     return 0

@@ -48,6 +48,7 @@ from copd_mega.config import (
     save_config,
     to_dict,
 )
+from copd_mega.files.run_lock import lock_dir
 from copd_mega.launch.datasets import capabilities_of
 from copd_mega.parallel.dist import free_port
 from copd_mega.rl.schedule import MODES, build_plan
@@ -322,7 +323,7 @@ def prepare(args) -> tuple[Study, Path, list[str]]:
         args.config or default_config_path(), [*args.overrides, f"run_dir={out}/base"]
     )
     check_modes(cfg, modes)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_dir(out)  # one study per folder (each run also locks its own run directory)
     config_path = out / "config.yaml"
     if config_path.exists():
         old = load_config(config_path, [])

@@ -178,9 +178,9 @@ def start_mode(cfg: Config, retrain: bool = False) -> tuple[str, str]:
             CheckpointError(f"{why}; start fresh without --resume or with --resume=auto")
         )
     if damaged:
-        why = f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and lacks files"
+        why = f"{root}: no loadable checkpoint, but {damaged[0].name} was committed and is damaged"
         raise everywhere(CheckpointError(
-            f"{why} ({incomplete_reason(damaged[0])}); restore the missing files, or pass "
+            f"{why} ({incomplete_reason(damaged[0])}); restore that file, or pass "
             "--retrain to start over (damaged folders are kept)"
         ))  # fmt: skip
     return "fresh", f"starting fresh: no checkpoint under {root}"

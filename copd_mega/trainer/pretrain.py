@@ -21,6 +21,7 @@ from torch import Tensor
 from copd_mega.ckpt.checkpoint import save_model
 from copd_mega.config import BranchConfig, Config, ConfigError, TeachingConfig, load_config
 from copd_mega.launch.datasets import capabilities_of, make_reader
+from copd_mega.launch.run_dir import claim_run_dir
 from copd_mega.launch.runtime import Runtime, shutdown, start
 from copd_mega.models.branch import build_branch_model
 from copd_mega.models.multimodal import RowMedia, media_spec, prompt_with_media
@@ -120,6 +121,7 @@ def nll_loss_fn(rt: Runtime):
 def run_pretrain(cfg: Config, out_dir: Path | None = None) -> Path:
     """Train the base model and save it (collective over the job). Returns its directory."""
     pcfg, caps = pretrain_config(cfg)
+    claim_run_dir(pcfg)  # one job per run directory
     rt = start(pcfg)
     topo, p = rt.topo, pcfg.pretrain
     out_dir = Path(out_dir or Path(cfg.run_dir) / "base")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from copd_mega.ckpt.checkpoint import CheckpointError, save_step, write_text_atomic
 from copd_mega.config import Config, load_config
+from copd_mega.launch.run_dir import claim_run_dir
 from copd_mega.launch.runtime import shutdown
 from copd_mega.models.step import all_finite, optimizer_step, run_microbatches
 from copd_mega.parallel import comm
@@ -50,6 +51,7 @@ from copd_mega.trainer.teaching import opd_step_rows
 def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
     """Run the configured job to the end, or until preempted; returns the evaluation table (on
     global rank 0). How it starts (resume / fresh / already finished) is ``job.start_mode``."""
+    claim_run_dir(cfg)  # one job per run directory, before anything is read or written
     mode, message = start_mode(cfg, retrain)
     if mode == "finished" or mode == "fresh":
         _say(message)
