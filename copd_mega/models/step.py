@@ -145,7 +145,7 @@ def optimizer_step(bm: BranchModel, loss_is_finite: bool = True) -> dict:
     Returns ``{"grad_norm": float, "skipped": 0.|1., "restored": 0.|1.}``. A skipped step leaves
     weights and optimizer state unchanged and is reported in the metrics. An update that made a
     weight non-finite (e.g. Adam's 0/0 with ``adam_eps=0``) is undone: this rank's optimizer
-    shard (fp32 main weights, moments, step) is restored from a copy taken before the step and
+    shard (fp32 main weights, moments, the step count per parameter or per param group) is restored from a copy taken before the step and
     the model weights are re-gathered from it; the copy costs one optimizer state of memory
     during the step. Gradients are zeroed either way. Collective over the branch.
     """
@@ -178,14 +178,22 @@ def _inner(opt) -> list:
 
 
 def _snapshot(opt) -> list[dict]:
-    """Copies of this rank's main weights and per-parameter optimizer state tensors."""
+    """Copies of this rank's main weights, per-parameter optimizer state tensors and the param
+    groups' ``step`` (two layouts of Adam's step count: torch's Adam keeps a ``step`` tensor per
+    parameter, megatron's fused Adam on GPU (TransformerEngine/Apex) one ``step`` per group)."""
     out = []
     for inner in _inner(opt):
         params = [p for g in inner.param_groups for p in g["params"]]
         state = {i: {k: v.clone() for k, v in inner.state.get(p, {}).items() if torch.is_tensor(v)}
                  for i, p in enumerate(params)}  # fmt: skip
-        out.append({"params": [p.detach().clone() for p in params], "state": state})
+        steps = [_copy(g["step"]) if "step" in g else None for g in inner.param_groups]
+        out.append({"params": [p.detach().clone() for p in params], "state": state,
+                    "group_steps": steps})  # fmt: skip
     return out
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else value
 
 
 @torch.no_grad()
@@ -196,8 +204,22 @@ def _restore(bm: BranchModel, snapshot: list[dict]) -> None:
         params = [p for g in inner.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             p.copy_(snap["params"][i])
-            for k, v in snap["state"][i].items():
-                inner.state[p][k].copy_(v)
+            saved = snap["state"][i]
+            if not saved:  # the step created this state (a first step): drop it whole
+                inner.state.pop(p, None)
+                continue
+            state = inner.state[p]
+            for k in [k for k, v in state.items() if torch.is_tensor(v) and k not in saved]:
+                del state[k]
+            for k, v in saved.items():
+                state[k].copy_(v)
+        for group, step in zip(inner.param_groups, snap["group_steps"], strict=True):
+            if step is None:
+                group.pop("step", None)  # the step created the entry: a group without one
+            elif torch.is_tensor(group["step"]):
+                group["step"].copy_(step)
+            else:
+                group["step"] = step
     for o in getattr(opt, "chained_optimizers", [opt]):
         o._copy_main_params_to_model_params()
     for chunk in getattr(opt, "model_chunks", None) or [bm.model]:
