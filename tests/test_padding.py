@@ -37,10 +37,12 @@ def test_micro_batches_cut_to_their_longest_row_equal_full_width(reference):
 
 
 @pytest.mark.multiproc
-def test_variable_widths_at_tp2_pp2_equal_one_rank(reference):
+@pytest.mark.parametrize("shape", [["parallel.pp=2"], ["parallel.tp=2", "parallel.pp=2"]],
+                         ids=["pp2", "tp2_pp2"])  # fmt: skip
+def test_variable_widths_at_pp2_equal_one_rank(reference, shape):
     """megatron's variable sequence lengths: each micro-batch's activation shape goes between
     the stages before the activation."""
-    res = spawn(trimmed_gradients, 4, [*LAYERS, "parallel.tp=2", "parallel.pp=2"], True)
+    res = spawn(trimmed_gradients, 2 * len(shape), [*LAYERS, *shape], True)
     assert {tuple(r["widths"]) for r in res} == {(12, 9, 11)}
     _same(reference, res)
 
