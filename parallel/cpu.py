@@ -10,7 +10,8 @@ exactly one place here:
   clipping): the same mode reports CPU tensors under their CUDA type names;
 * ``Tensor.cuda()`` / ``Module.cuda()``: become ``.cpu()`` / identity;
 * ``torch.cuda.current_device()`` returns 0 (an int, mapped to CPU by the mode),
-  ``synchronize``/``empty_cache``/streams are no-ops;
+  ``synchronize``/``empty_cache``/streams are no-ops; inside backward (which torch 2.13 runs
+  within the mode's handler, the mode off) only under :func:`remap_in_backward`;
 * the tensor-parallel RNG tracker forks "the CUDA RNG": here it forks a dedicated CPU
   ``torch.Generator`` (mapping it onto the global CPU RNG would trip megatron's
   "CPU RNG state changed within GPU RNG context" check).
@@ -60,7 +61,39 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
+        if func is torch.autograd.backward and _REMAP_BACKWARD:
+            with self:  # torch runs backward inside this handler, where the mode is off
+                return _run_backward(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+_REMAP_BACKWARD = False
+
+
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """The tail of ``torch.autograd.backward`` (after its ``__torch_function__`` check)."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+                        is_grads_batched=False)  # fmt: skip
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    _engine_run_backward(tensors, grads, retain_graph, create_graph, tuple(inputs or ()),
+                         allow_unreachable=True, accumulate_grad=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def remap_in_backward():
+    """Map CUDA device arguments inside backward passes too, for the duration (sequence
+    parallelism's backward allocates on ``torch.cuda.current_device()``). Off by default: it
+    routes every backward op through this mode's Python handler."""
+    global _REMAP_BACKWARD
+    before, _REMAP_BACKWARD = _REMAP_BACKWARD, True
+    try:
+        yield
+    finally:
+        _REMAP_BACKWARD = before
 
 
 def _cuda_generator() -> torch.Generator:

@@ -144,9 +144,40 @@ def model_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- per-rank bodies
 
 
-def guard_case(rank: int, overrides: list[str]) -> dict:
+class GroupStepAdam(torch.optim.Optimizer):
+    """Adam that keeps its step count in the param groups (``group["step"]``, an int), the layout
+    of megatron's fused Adam on GPU (TransformerEngine / Apex FusedAdam), which do not run on CPU;
+    per-parameter state holds only the two moments. Same update as ``torch.optim.Adam``."""
+
+    def __init__(self, groups):
+        # megatron's main-weight shards are views (non-leaf): take its groups as they are
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+        self.param_groups = groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g["step"] = g.get("step", 0) + 1
+            b1, b2 = g["betas"]
+            c1, c2 = 1 - b1 ** g["step"], 1 - b2 ** g["step"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                grad = p.grad + g["weight_decay"] * p if g["weight_decay"] else p.grad
+                st["exp_avg"].lerp_(grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (st["exp_avg_sq"] / c2).sqrt_().add_(g["eps"])
+                p.addcdiv_(st["exp_avg"], denom, value=-g["lr"] / c1)
+
+
+def guard_case(rank: int, overrides: list[str], group_step: bool = False) -> dict:
     """One step with ``adam_eps=0`` (Adam's 0/0 on parameters without gradient), then one with
-    ``adam_eps=1e-8``. Returns the weights before, after the guarded step and after the next."""
+    ``adam_eps=1e-8``. Returns the weights before, after the guarded step and after the next.
+    ``group_step``: the torch Adam under megatron's optimizer is swapped for
+    :class:`GroupStepAdam` (the step count in the param groups)."""
     import torch.nn.functional as F
 
     from copd_mega.config import load_config
@@ -179,6 +210,9 @@ def guard_case(rank: int, overrides: list[str]) -> dict:
             for group in o.optimizer.param_groups:
                 group["eps"] = eps
 
+    if group_step:
+        for o in getattr(bm.optimizer, "chained_optimizers", [bm.optimizer]):
+            o.optimizer = GroupStepAdam(o.optimizer.param_groups)
     before = params()
     set_eps(0.0)
     run_microbatches(bm, topo, [mb], loss_fn)
@@ -191,6 +225,8 @@ def guard_case(rank: int, overrides: list[str]) -> dict:
     return {
         "guarded": guarded, "next": ok, "before": before, "after_guard": after_guard,
         "after_next": params(), "group_size": torch.distributed.get_world_size(group),
+        "group_steps": [g.get("step") for o in getattr(bm.optimizer, "chained_optimizers",
+                        [bm.optimizer]) for g in o.optimizer.param_groups],
     }  # fmt: skip
 
 

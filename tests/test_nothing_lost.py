@@ -229,6 +229,25 @@ def test_case4_update_that_makes_weights_non_finite_is_undone():
     assert step.max().item() == pytest.approx(0.01, rel=1e-3)
 
 
+@pytest.mark.multiproc
+def test_case4_undone_update_restores_a_param_group_step_count():
+    """megatron's fused Adam on GPU keeps ``step`` in the param groups: the guard restores it too,
+    so the next step's bias correction is a first step's (every weight with a gradient moves by
+    ~lr; with the step count left at 2 the move would be ~0.53 lr); at DP=2 as on one rank."""
+    (one,) = spawn(guard_case, 1, [], True)
+    two = spawn(guard_case, 2, ["parallel.dp=2"], True)
+    for r in [one, *two]:
+        assert r["guarded"]["restored"] == 1.0 and r["next"]["skipped"] == 0.0
+        assert r["group_steps"] and set(r["group_steps"]) == {1}
+        for k, v in r["before"].items():
+            assert torch.equal(v, r["after_guard"][k]), k
+    emb = "embedding.word_embeddings.weight"
+    step = (one["after_next"][emb] - one["before"][emb])[:50].abs()
+    assert step.max().item() == pytest.approx(0.01, rel=1e-3)
+    for k in one["before"]:
+        torch.testing.assert_close(two[0]["after_next"][k], one["after_next"][k])
+
+
 # 5 ------------------------------------------------------------------------------------------
 
 

@@ -15,9 +15,11 @@ dim, F = ffn, V = vocabulary padded to ``pad_vocab_to * t``, e = 2 bytes bf16 / 
   in the model dtype (generation TP 1) plus ``rollout.kv_cache_gb``, on top of the rest.
 * **rollout KV cache**: one generation micro-batch: ``rollout.max_batch_size`` sequences x
   (longest prompt + ``rollout.max_new_tokens``) x L/p layers x 2 (K, V) x kv/t x e.
-* **log-prob chunk**: ``parallel.micro_batch_size`` x ``rollout.logprob_chunk`` x V/t x 4 bytes
-  for the fp32 copy of a logits chunk, x 2 for the softmax temporary of the same size.
-* **activations** (no recompute: the model builder has no activation recomputation), per
+* **log-prob chunk**: ``parallel.micro_batch_size`` x chunk x V/t x 4 bytes for the fp32 copy
+  of a logits chunk, x 2 for the softmax temporary of the same size; the chunk is
+  ``rollout.logprob_chunk`` positions, or (0) as many as fit ``rollout.logprob_chunk_mib``.
+* **activations** (``parallel.recompute`` none; selective and full recompute and
+  ``parallel.sequence_parallel`` shrink them, :func:`layer_activation_bytes`), per
   training micro-batch of b = ``parallel.micro_batch_size`` rows of s = longest prompt +
   ``rollout.max_new_tokens`` positions, per layer ``e * s * b * (4h + (2h + 2kv + 3F) / t)``:
   the two norm inputs and the two column-parallel inputs (replicated over TP), Q/K/V and the
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from copd_mega.config import Config
 from copd_mega.launch.validate import prompt_positions_bound
 from copd_mega.models.gpt import padded_vocab_size
+from copd_mega.rl.logprobs import logprob_chunk
 
 GIB = 2**30
 RESERVE_BYTES = 3 * GIB  # CUDA context + NCCL buffers + allocator fragmentation
@@ -100,14 +103,46 @@ def stage_params(cfg: Config) -> int:
     return max(first, last)
 
 
-def activation_bytes(cfg: Config, seq: int) -> float:
-    """Training activations of one micro-batch (see the module docstring)."""
+def layer_activation_bytes(cfg: Config, seq: int) -> tuple[float, float]:
+    """(kept, peak) bytes of one decoder layer's activations for one micro-batch.
+
+    Without recompute both are ``e*s*b*(4h + (2h + 2kv + 3F)/t)`` (module docstring). Sequence
+    parallelism splits the replicated 4h (norm and column-parallel inputs) over t. Selective
+    recompute drops what its modules recompute: ``core_attn`` the attention output (h/t),
+    ``mlp`` the SwiGLU's gate, up and product (3F/t). Full recompute keeps the layer's input only (h, /t with SP); a recomputed chunk
+    of ``parallel.recompute_num_layers`` layers holds its full activations during its backward.
+    """
     m, p, e = cfg.model, cfg.parallel, _elem_bytes(cfg)
     h, f, b, t = m.hidden_size, m.ffn_hidden_size, p.micro_batch_size, p.tp
     kv = m.num_query_groups * (h // m.num_attention_heads)
-    per_layer = e * seq * b * (4 * h + (2 * h + 2 * kv + 3 * f) / t)
+    rep = (1 / t) if p.sequence_parallel else 1.0
+    full = e * seq * b * (4 * h * rep + (2 * h + 2 * kv + 3 * f) / t)
+    if p.recompute == "full":
+        return e * seq * b * h * rep, full
+    if p.recompute == "selective":
+        mods = set(p.recompute_modules)
+        saved = (h / t if "core_attn" in mods else 0) + (3 * f / t if "mlp" in mods else 0)
+        return full - e * seq * b * saved, full
+    return full, full
+
+
+def activation_name(cfg: Config) -> str:
+    """The plan's line for activations: which recompute, and sequence parallelism."""
+    p = cfg.parallel
+    how = {"none": "no recompute", "full": f"full recompute, {p.recompute_num_layers} layer(s) "
+           "per chunk", "selective": "selective recompute: " + ", ".join(p.recompute_modules)}  # fmt: skip
+    return f"activations ({how[p.recompute]}{', sequence parallel' if p.sequence_parallel else ''})"
+
+
+def activation_bytes(cfg: Config, seq: int) -> float:
+    """Training activations of one micro-batch (see the module docstring)."""
+    m, p, e = cfg.model, cfg.parallel, _elem_bytes(cfg)
+    b, t = p.micro_batch_size, p.tp
+    kept, peak = layer_activation_bytes(cfg, seq)
     logits = e * seq * b * padded_vocab_size(m.vocab_size, m.pad_vocab_to, t) / t
-    total = m.num_layers * per_layer + logits
+    total = m.num_layers * kept + logits
+    if p.recompute == "full":  # one chunk recomputed at a time, on top of what is kept
+        total += p.recompute_num_layers * (peak - kept)
     v = cfg.vision
     if v.enabled:  # every medium position of the rows runs the ViT, (patches + 1) per tile
         patches = (v.image_size // v.patch_size) ** 2
@@ -130,7 +165,7 @@ def memory_parts(cfg: Config) -> list[Part]:
     seq = prompt_positions_bound(cfg) + r.max_new_tokens
     kv = m.num_query_groups * (m.hidden_size // m.num_attention_heads)
     vocab_local = padded_vocab_size(m.vocab_size, m.pad_vocab_to, p.tp) / p.tp
-    chunk = r.logprob_chunk if r.logprob_chunk > 0 else seq
+    chunk = min(logprob_chunk(cfg), seq)
     optimizer = (8 if cfg.model.dtype == "fp32" else 12) / p.dp
     return [
         Part("weights", local * e, "parallel.tp / parallel.pp"),
@@ -150,9 +185,9 @@ def memory_parts(cfg: Config) -> list[Part]:
         Part(
             "log-prob chunk",
             p.micro_batch_size * chunk * vocab_local * 4 * 2,
-            "rollout.logprob_chunk",
+            "rollout.logprob_chunk_mib",
         ),
-        Part("activations (no recompute)", activation_bytes(cfg, seq), "parallel.micro_batch_size"),
+        Part(activation_name(cfg), activation_bytes(cfg, seq), "parallel.micro_batch_size"),
         Part("runtime reserve", RESERVE_BYTES, ""),
     ]
 
@@ -187,6 +222,8 @@ def fit_error(cfg: Config, parts: list[Part], gpu_gib: float) -> str | None:
     elif big.knob == "parallel.micro_batch_size":
         fix = ("lower parallel.micro_batch_size" if cfg.parallel.micro_batch_size > 1 else
                "lower rollout.max_new_tokens or raise parallel.tp")  # fmt: skip
+        if cfg.parallel.recompute != "full":
+            fix += " (or set parallel.recompute=full / parallel.sequence_parallel=true)"
     elif big.knob == "parallel.tp / parallel.pp":
         fix = "raise parallel.tp or parallel.pp (more GPUs per branch)"
     elif big.knob == "parallel.dp":

@@ -22,6 +22,8 @@ class BranchModel:
     optimizer: object  # megatron (distributed) optimizer
     config: object  # TransformerConfig
     media_spec: MediaSpec | None = None  # how the VLM reads rows' media (None: text model)
+    # parallel.sequence_parallel: on in training's forward-backward only (models.step)
+    sequence_parallel: bool = False
 
     @property
     def module(self):
@@ -86,4 +88,4 @@ def wrap_branch_model(
     opt = get_megatron_optimizer(
         opt_cfg, [ddp], use_gloo_process_groups=False, pg_collection=topo.pg
     )
-    return BranchModel(ddp, opt, tcfg)
+    return BranchModel(ddp, opt, tcfg, sequence_parallel=cfg.parallel.sequence_parallel)

@@ -68,14 +68,28 @@ def transformer_config(cfg: Config):
         pipeline_dtype=dtype,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
-        sequence_parallel=False,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
+        **memory_settings(cfg),
     )
+
+
+def memory_settings(cfg: Config) -> dict:
+    """megatron's sequence parallelism and activation recompute from ``parallel.*``: selective
+    recomputes ``parallel.recompute_modules`` of every layer, full recomputes whole layers in
+    chunks of ``parallel.recompute_num_layers`` (megatron's ``uniform`` method)."""
+    p = cfg.parallel
+    out = dict(sequence_parallel=p.sequence_parallel)
+    if p.recompute == "selective":
+        out.update(recompute_granularity="selective", recompute_modules=list(p.recompute_modules))
+    elif p.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform",
+                   recompute_num_layers=p.recompute_num_layers)  # fmt: skip
+    return out
 
 
 def layer_spec(qk_layernorm: bool = False):
@@ -124,9 +138,13 @@ def build_gpt(cfg: Config, topo: Topology):
 
     m = cfg.model
     prepare_megatron_runtime(cfg, topo)
+    tcfg = transformer_config(cfg)
+    spec = layer_spec(m.qk_layernorm)
+    if tcfg.sequence_parallel and not _is_te_spec(spec):
+        spec = sequence_parallel_block(tcfg, spec, topo.pp_rank)
     model = GPTModel(
-        config=transformer_config(cfg),
-        transformer_layer_spec=layer_spec(m.qk_layernorm),
+        config=tcfg,
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(m.vocab_size, m.pad_vocab_to, cfg.parallel.tp),
         max_sequence_length=m.max_seq_length,
         pre_process=topo.is_first_stage,
@@ -138,9 +156,44 @@ def build_gpt(cfg: Config, topo: Topology):
         pg_collection=topo.pg,
     )
     init_weights(model, cfg)
+    if cfg.parallel.sequence_parallel:  # built with it, run without it outside training
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        set_model_to_sequence_parallel(model, False)  # (models.step turns it on there)
     if use_gpu():
         model = model.cuda()
     return model
+
+
+class SequenceParallelNorm:
+    """megatron's ``WrappedTorchNorm`` (torch RMSNorm/LayerNorm) usable under sequence
+    parallelism: its parameters carry ``sequence_parallel``, so ``finalize_model_grads`` sums
+    their gradients over TP (what ``TENorm`` does with TransformerEngine)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _is_te_spec(spec) -> bool:
+    return "transformer_engine" in getattr(spec.submodules.input_layernorm, "__module__", "")
+
+
+def sequence_parallel_block(tcfg, spec, pp_rank: int):
+    """The local layer spec's block with :class:`SequenceParallelNorm` for every norm (the two
+    per layer and the final one): megatron's torch norm refuses ``sequence_parallel``."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    spec.submodules.input_layernorm = SequenceParallelNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    layers = get_num_layers_to_build(tcfg, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=SequenceParallelNorm)
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -8,7 +8,7 @@ From then on the **same pixel tensors** are part of the rows: ``Rollouts.media``
 so no frame is ever sampled or decoded twice and the loop treats text and vision rows alike.
 
 :class:`RowMedia` holds the media of N rows as raw ``[0, 1]`` float32 (the CLIP normalisation
-is applied by :func:`copd_mega.models.vlm.prepare_inputs` at each forward, identically everywhere).
+is applied by :func:`copd_mega.models.vlm.batch_inputs` at each forward, identically everywhere).
 A VLM branch model carries a :class:`MediaSpec` (``BranchModel.media_spec``) that turns a
 microbatch's tokens and media into ``LLaVAModel`` inputs; :func:`text_logits` runs the model and
 gathers its logits at ``text_positions``, so the result is token-aligned like a GPT's and
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError
-from copd_mega.models.vlm import VLMBatch, prepare_inputs
+from copd_mega.models.vlm import VLMBatch, batch_inputs
 
 
 @dataclass
@@ -67,9 +67,28 @@ class RowMedia:
         return out
 
     def rows(self, start: int, end: int) -> RowMedia:
-        """The media of rows ``[start, end)``."""
-        lists = self.to_lists()[start:end]
-        return RowMedia.from_lists(lists, self.pixels.shape[-1])
+        """The media of rows ``[start, end)``: slices of the tensors (host arithmetic only)."""
+        m0 = int(self.per_row[:start].sum())
+        m1 = m0 + int(self.per_row[start:end].sum())
+        t0 = int(self.tiles[:m0].sum())
+        t1 = t0 + int(self.tiles[m0:m1].sum())
+        return RowMedia(self.pixels[t0:t1], self.tiles[m0:m1], self.per_row[start:end])
+
+    def select(self, order: list[int]) -> RowMedia:
+        """The media of rows ``order`` (a permutation or subset of row indices), in that order."""
+        m_end = self.per_row.cumsum(0)
+        t_end = self.tiles.cumsum(0)
+        media, tiles = [], []
+        for r in order:
+            m1 = int(m_end[r])
+            m0 = m1 - int(self.per_row[r])
+            media += range(m0, m1)
+        for m in media:
+            t1 = int(t_end[m])
+            tiles += range(t1 - int(self.tiles[m]), t1)
+        idx = torch.tensor(media, dtype=torch.long)
+        return RowMedia(self.pixels[torch.tensor(tiles, dtype=torch.long)], self.tiles[idx],
+                        self.per_row[torch.tensor(order, dtype=torch.long)])  # fmt: skip
 
     @staticmethod
     def cat(parts: list[RowMedia]) -> RowMedia:
@@ -138,11 +157,12 @@ class MediaSpec:
     image_id: int
     pad_id: int
 
-    def inputs(self, tokens: Tensor, media: RowMedia) -> VLMBatch:
-        """``LLaVAModel`` inputs of rows ``tokens [B, S]`` with their ``media`` (B rows), on the
-        tokens' device."""
-        return prepare_inputs(self.cfg, tokens.tolist(), media.to_lists(), self.image_id,
-                              self.pad_id, tokens.device)  # fmt: skip
+    def inputs(self, tokens: Tensor, media: RowMedia, lengths: list[int] | None = None) -> VLMBatch:
+        """``LLaVAModel`` inputs of rows ``tokens [B, S]`` (on the compute device) with their
+        ``media`` (B rows, host) and real lengths (host ints; None: all S), on the tokens'
+        device: no host sync, no per-token Python (:func:`copd_mega.models.vlm.batch_inputs`)."""
+        return batch_inputs(self.cfg, tokens, media.pixels, media.tiles, media.per_row,
+                            self.image_id, lengths)  # fmt: skip
 
 
 def media_spec(cfg: Config, codec) -> MediaSpec | None:

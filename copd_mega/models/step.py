@@ -1,6 +1,6 @@
 """One optimizer step of a branch through megatron's forward-backward schedule.
 
-Microbatches are dicts of CPU/GPU tensors with a common padded length ``[mbs, S]``: ``tokens``,
+Microbatches are dicts of CPU/GPU tensors ``[mbs, S]`` (S may differ between them): ``tokens``,
 ``position_ids`` and whatever the loss needs; a microbatch whose rows carry ``media`` (a
 ``RowMedia``) runs the vision-language model on the inputs ``BranchModel.media_spec`` makes and
 gets token-aligned logits (``multimodal.text_logits``).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from copd_mega.models.branch import BranchModel
 from copd_mega.models.multimodal import text_logits
 from copd_mega.parallel import comm
+from copd_mega.parallel.cpu import cpu_mode_active, remap_in_backward
 from copd_mega.parallel.topology import Topology
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -65,14 +67,23 @@ def run_microbatches(
     other stages get an empty list. Gradients accumulate in the DDP buffers. With PP > 1 a
     short microbatch is padded to the first one's rows (:func:`pad_rows`), so per-row outputs
     of the last microbatch may carry extra rows at their end: cut them to the real row count.
+    Microbatches may differ in width (``batches.split_microbatches`` cuts each to its longest
+    row): at PP > 1 megatron's variable sequence lengths then send each activation's shape.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     assert microbatches, "run_microbatches needs at least one microbatch"
-    mbs, seq = microbatches[0]["tokens"].shape
+    mbs = microbatches[0]["tokens"].shape[0]
+    if bm.sequence_parallel:  # megatron splits the sequence over TP: widths multiple of TP
+        microbatches = [pad_width(mb, topo.layout.tp) for mb in microbatches]
+    widths = {mb["tokens"].shape[1] for mb in microbatches}
+    seq = max(widths)
     if topo.layout.pp > 1:
         microbatches = [pad_rows(mb, mbs) for mb in microbatches]
+    # Microbatches of different widths: the stages exchange each activation's shape first
+    # (megatron's P2PCommunicator reads the flag at every send/receive).
+    bm.config.variable_seq_lengths = len(widths) > 1
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -92,7 +103,13 @@ def run_microbatches(
     extra = {}
     if pp > 1:
         extra["p2p_communicator"] = P2PCommunicator(topo.pg.pp, bm.config)
-    out = fb(
+    with sequence_parallel(bm):
+        out = _schedule(fb, forward_step, microbatches, bm, seq, mbs, forward_only, topo, extra)
+    return list(out) if topo.is_last_stage else []
+
+
+def _schedule(fb, forward_step, microbatches, bm, seq, mbs, forward_only, topo, extra):
+    return fb(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=[bm.model],
@@ -103,7 +120,45 @@ def run_microbatches(
         pg_collection=topo.pg,
         **extra,
     )
-    return list(out) if topo.is_last_stage else []
+
+
+@contextmanager
+def sequence_parallel(bm: BranchModel):
+    """Sequence parallelism on for the forward-backward schedule of a branch built with
+    ``parallel.sequence_parallel`` (off outside it: generation runs one position at a time).
+    On CPU with it or activation recompute, backward passes run under the CPU layer's device
+    mapping too (both allocate on ``torch.cuda.current_device()`` there)."""
+    remap = cpu_mode_active() and (bm.sequence_parallel or bm.config.recompute_granularity)
+    with remap_in_backward() if remap else nullcontext():
+        if not bm.sequence_parallel:
+            yield
+            return
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        set_model_to_sequence_parallel(bm.module, True)
+        try:
+            yield
+        finally:
+            set_model_to_sequence_parallel(bm.module, False)
+
+
+def pad_width(mb: dict, multiple: int) -> dict:
+    """``mb`` with every per-position tensor (dim 1 of the tokens' width) zero-padded to a
+    multiple of ``multiple``; ``position_ids`` continue. Padding positions have mask 0 and come
+    after every real position, so a causal model's real logits do not change."""
+    rows, width = mb["tokens"].shape
+    extra = -width % multiple
+    if not extra:
+        return mb
+    out = {}
+    for k, v in mb.items():
+        if k == "position_ids":
+            out[k] = torch.arange(width + extra, device=v.device).unsqueeze(0).expand(rows, -1)
+        elif isinstance(v, torch.Tensor) and v.dim() > 1 and v.shape[1] == width:
+            out[k] = torch.cat([v, v.new_zeros((v.shape[0], extra, *v.shape[2:]))], dim=1)
+        else:
+            out[k] = v
+    return out
 
 
 def _vlm_inputs(bm: BranchModel, mb: dict):
@@ -111,7 +166,7 @@ def _vlm_inputs(bm: BranchModel, mb: dict):
     if bm.media_spec is None:
         raise ValueError("rows carry media but the branch model has no media_spec; build it with "
                          "vision.enabled=true and set BranchModel.media_spec")  # fmt: skip
-    return bm.media_spec.inputs(mb["tokens"], mb["media"])
+    return bm.media_spec.inputs(mb["tokens"], mb["media"], mb.get("row_lengths"))
 
 
 def pad_rows(mb: dict, rows: int) -> dict:
@@ -130,7 +185,10 @@ def pad_rows(mb: dict, rows: int) -> dict:
         if k == "position_ids":
             out[k] = v[:1].expand(rows, -1)
         elif (
-            k != "teacher_topk" and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
+            k not in ("teacher_topk", "opd_index")
+            and isinstance(v, torch.Tensor)
+            and v.dim() > 0
+            and v.shape[0] == n
         ):
             out[k] = torch.cat([v, v.new_zeros((rows - n, *v.shape[1:]))])
         else:
@@ -145,7 +203,7 @@ def optimizer_step(bm: BranchModel, loss_is_finite: bool = True) -> dict:
     Returns ``{"grad_norm": float, "skipped": 0.|1., "restored": 0.|1.}``. A skipped step leaves
     weights and optimizer state unchanged and is reported in the metrics. An update that made a
     weight non-finite (e.g. Adam's 0/0 with ``adam_eps=0``) is undone: this rank's optimizer
-    shard (fp32 main weights, moments, step) is restored from a copy taken before the step and
+    shard (fp32 main weights, moments, the step count per parameter or per param group) is restored from a copy taken before the step and
     the model weights are re-gathered from it; the copy costs one optimizer state of memory
     during the step. Gradients are zeroed either way. Collective over the branch.
     """
@@ -178,14 +236,22 @@ def _inner(opt) -> list:
 
 
 def _snapshot(opt) -> list[dict]:
-    """Copies of this rank's main weights and per-parameter optimizer state tensors."""
+    """Copies of this rank's main weights, per-parameter optimizer state tensors and the param
+    groups' ``step`` (two layouts of Adam's step count: torch's Adam keeps a ``step`` tensor per
+    parameter, megatron's fused Adam on GPU (TransformerEngine/Apex) one ``step`` per group)."""
     out = []
     for inner in _inner(opt):
         params = [p for g in inner.param_groups for p in g["params"]]
         state = {i: {k: v.clone() for k, v in inner.state.get(p, {}).items() if torch.is_tensor(v)}
                  for i, p in enumerate(params)}  # fmt: skip
-        out.append({"params": [p.detach().clone() for p in params], "state": state})
+        steps = [_copy(g["step"]) if "step" in g else None for g in inner.param_groups]
+        out.append({"params": [p.detach().clone() for p in params], "state": state,
+                    "group_steps": steps})  # fmt: skip
     return out
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else value
 
 
 @torch.no_grad()
@@ -196,8 +262,22 @@ def _restore(bm: BranchModel, snapshot: list[dict]) -> None:
         params = [p for g in inner.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             p.copy_(snap["params"][i])
-            for k, v in snap["state"][i].items():
-                inner.state[p][k].copy_(v)
+            saved = snap["state"][i]
+            if not saved:  # the step created this state (a first step): drop it whole
+                inner.state.pop(p, None)
+                continue
+            state = inner.state[p]
+            for k in [k for k, v in state.items() if torch.is_tensor(v) and k not in saved]:
+                del state[k]
+            for k, v in saved.items():
+                state[k].copy_(v)
+        for group, step in zip(inner.param_groups, snap["group_steps"], strict=True):
+            if step is None:
+                group.pop("step", None)  # the step created the entry: a group without one
+            elif torch.is_tensor(group["step"]):
+                group["step"].copy_(step)
+            else:
+                group["step"] = step
     for o in getattr(opt, "chained_optimizers", [opt]):
         o._copy_main_params_to_model_params()
     for chunk in getattr(opt, "model_chunks", None) or [bm.model]:

@@ -293,8 +293,8 @@ class VLMBatch:
 def normalize_images(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """``[N, 3, H, W]`` in [0, 1] -> ``(x - mean) / std`` per channel (``vision.image_mean``/
     ``image_std``: the image processor's; CLIP's by default)."""
-    mean = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
@@ -347,42 +347,86 @@ def prepare_inputs(
         raise ValueError(
             f"{len(prompts)} prompts but {len(media)} media lists; give one per prompt"
         )
-    size, per_tile = cfg.vision.image_size, image_token_count(cfg)
+    size = cfg.vision.image_size
     seq = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), seq), pad_id, dtype=torch.long)
-    tiles, counts = [], []
-    for b, (prompt, items) in enumerate(zip(prompts, media, strict=True)):
+    for b, prompt in enumerate(prompts):
         ids[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        n_slots = sum(1 for t in prompt if t == image_token_id)
-        if n_slots != len(items):
+    slots = (ids == image_token_id).sum(dim=1).tolist()  # host ids: no device sync
+    tiles = []
+    for b, items in enumerate(media):
+        if slots[b] != len(items):
             raise ValueError(
-                f"sample {b}: {n_slots} <image> placeholders (id {image_token_id}) for "
+                f"sample {b}: {slots[b]} <image> placeholders (id {image_token_id}) for "
                 f"{len(items)} media; put one placeholder per image or video (with_placeholders)"
             )
-        for k, item in enumerate(items):
-            tiles.append(_media_tiles(item, size, f"sample {b} medium {k}"))
-            counts.append(tiles[-1].shape[0])
-    is_slot = ids == image_token_id
-    ids[is_slot] = PLACEHOLDER
-    lengths = torch.ones_like(ids)
-    lengths[is_slot] = torch.tensor(counts, dtype=torch.long) * per_tile
-    text_positions = lengths.cumsum(dim=1) - 1
-    combined = int(text_positions[:, -1].max()) + 1
-    if combined > cfg.model.max_seq_length:
+        tiles += [
+            _media_tiles(item, size, f"sample {b} medium {k}") for k, item in enumerate(items)
+        ]
+    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size)
+    counts = torch.tensor([t.shape[0] for t in tiles], dtype=torch.long)
+    per_row = torch.tensor([len(items) for items in media], dtype=torch.long)
+    ids = ids.to(torch.device(device) if device is not None else torch.device("cpu"))
+    return batch_inputs(
+        cfg, ids, pixels, counts, per_row, image_token_id, [len(p) for p in prompts]
+    )
+
+
+def batch_inputs(
+    cfg: Config,
+    ids: torch.Tensor,
+    pixels: torch.Tensor,
+    tiles: torch.Tensor,
+    per_row: torch.Tensor,
+    image_token_id: int,
+    lengths: list[int] | None = None,
+) -> VLMBatch:
+    """A :class:`VLMBatch` from rows already on the device, without a host sync or per-token work.
+
+    ``ids [B, S]`` long on the compute device, ``image_token_id`` once per medium; ``pixels
+    [T, 3, H, W]`` float in [0, 1] (host), every medium's tiles in row order; ``tiles [M]`` and
+    ``per_row [B]`` long (host): tiles per medium and media per row. ``lengths``: each row's real
+    length (host ints; None: all S). Only the real positions must fit ``model.max_seq_length``:
+    a short media row padded to a long text row's width S is truncated after its real end, as
+    megatron's ``LLaVAModel`` truncates the combined sequence (its padding positions' logits are
+    then read at the last kept position; their mask is 0). Raises ValueError naming the fix.
+    """
+    size, per_tile, limit = cfg.vision.image_size, image_token_count(cfg), cfg.model.max_seq_length
+    rows, seq = ids.shape
+    dev = ids.device
+    if tuple(pixels.shape[1:]) != (3, size, size):
+        raise ValueError(f"media tiles of shape {tuple(pixels.shape[1:])}; give images [3, {size}, "
+                         f"{size}] (resize to vision.image_size={size} when reading data)")  # fmt: skip
+    if pixels.numel():
+        lo, hi = (float(x) for x in pixels.aminmax())  # host pixels: no device sync
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"pixel values span [{lo:.3g}, {hi:.3g}]; pass floats in [0, 1] "
+                             "(prepare_inputs applies the CLIP normalisation itself)")  # fmt: skip
+    owner = torch.repeat_interleave(torch.arange(rows), per_row)  # positions media add per row
+    extra = torch.zeros(rows, dtype=torch.long).index_add_(0, owner, tiles.long() * per_tile - 1)
+    real = torch.tensor(lengths if lengths is not None else [seq] * rows, dtype=torch.long)
+    need = int((real + extra).max()) if rows else 0
+    if need > limit:
         raise ValueError(
-            f"the batch needs {combined} positions ({per_tile} per image/frame) but "
-            f"model.max_seq_length={cfg.model.max_seq_length}; raise it, or use fewer frames "
+            f"the batch needs {need} positions ({per_tile} per image/frame) but "
+            f"model.max_seq_length={limit}; raise it, or use fewer frames "
             "(vision.frames_per_video) or a smaller vision.image_size"
         )
-    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    combined = min(seq + int(extra.max()) if rows else seq, limit)
+    is_slot = ids == image_token_id
+    lens = torch.ones_like(ids)
+    if tiles.numel():  # the k-th placeholder (row-major) takes medium k's positions
+        counts = (tiles.long() * per_tile).to(dev, non_blocking=True)
+        order = (is_slot.flatten().cumsum(0) - 1).clamp(0, tiles.numel() - 1).view(rows, seq)
+        lens = torch.where(is_slot, counts[order], lens)
+    text_positions = (lens.cumsum(dim=1) - 1).clamp(max=combined - 1)
     return VLMBatch(
-        images=normalize_images(pixels, cfg.vision.image_mean, cfg.vision.image_std).to(
+        images=normalize_images(pixels.float(), cfg.vision.image_mean, cfg.vision.image_std).to(
             device=dev, dtype=compute_dtype(cfg)
         ),
-        num_image_tiles=torch.tensor(counts, dtype=torch.int32, device=dev),
-        input_ids=ids.to(dev),
-        position_ids=torch.arange(seq, device=dev).unsqueeze(0).expand(len(prompts), seq),
-        text_positions=text_positions.to(dev),
+        num_image_tiles=tiles.to(torch.int32).to(dev, non_blocking=True),
+        input_ids=ids.masked_fill(is_slot, PLACEHOLDER),
+        position_ids=torch.arange(seq, device=dev).unsqueeze(0).expand(rows, seq),
+        text_positions=text_positions,
         combined_length=combined,
     )

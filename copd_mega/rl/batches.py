@@ -34,6 +34,7 @@ class Rows:
     order (None without OPD rows, or where no teacher scores exist: off the last PP stage).
     sampler_logp [N, L] float32: the sampler's log-probs of the same tokens (None when unknown).
     media: the rows' images/video (``vision.enabled``; on the host), None for the text model.
+    lengths [N] long: each row's real length (prompt + response); None: every row is L long.
     """
 
     tokens: Tensor
@@ -47,6 +48,7 @@ class Rows:
     teacher_topk: Tensor | None = None
     sampler_logp: Tensor | None = None
     media: RowMedia | None = None
+    lengths: Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -84,6 +86,7 @@ def _rows(
         teacher_topk=None if topk is None else topk.long().to(dev),
         sampler_logp=None if sampler is None else sampler.float().to(dev),
         media=media,
+        lengths=lengths.long().to(dev),
     )
 
 
@@ -149,6 +152,8 @@ def concat_rows(parts: list[Rows], width: int | None = None, pad_id: int = 0) ->
         sampler_logp=cat("sampler_logp") if all(p.sampler_logp is not None for p in parts)
         else None,
         media=RowMedia.cat([p.media for p in parts]) if all(has_media) else None,
+        lengths=torch.cat([p.lengths for p in parts])
+        if all(p.lengths is not None for p in parts) else None,
     )  # fmt: skip
 
 
@@ -157,55 +162,127 @@ def split_microbatches(
     size: int,
     device: torch.device,
     media: RowMedia | None = None,
+    lengths: list[int] | None = None,
+    multiple: int = 1,
 ) -> list[dict]:
     """Cut row-aligned tensors (``tokens`` [N, L] among them) into dicts of at most ``size`` rows.
 
-    Adds ``position_ids``; every microbatch keeps the width L (megatron's pipeline schedule
-    needs one shape). Tensors move to ``device``. ``media`` (the N rows' images/video): each
+    ``lengths`` (host ints, one per row): each microbatch is cut to its own longest row, rounded
+    up to ``multiple`` (TP under sequence parallelism; zero-padded past L if needed); every
+    ``[N, L, ...]`` tensor is cut with the tokens. A causal model's logits at a real position do
+    not depend on the padding after it, so the cut changes no real value. None: every
+    microbatch keeps the width L. Adds ``position_ids`` and ``row_lengths`` (host ints, with
+    ``lengths``). Tensors move to ``device``. ``media`` (the N rows' images/video): each
     microbatch gets its rows' as ``media``.
     """
-    n, width = tensors["tokens"].shape
+    n, full = tensors["tokens"].shape
     out = []
     for start in range(0, n, size):
-        mb = {k: v[start : start + size].to(device) for k, v in tensors.items()}
-        rows = mb["tokens"].shape[0]
-        mb["position_ids"] = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
+        end = min(start + size, n)
+        width = full
+        if lengths is not None:
+            width = -(-max(1, *lengths[start:end]) // multiple) * multiple
+        mb = {k: _fit(v[start:end], full, width).to(device) for k, v in tensors.items()}
+        mb["position_ids"] = torch.arange(width, device=device).unsqueeze(0).expand(end - start, -1)
+        if lengths is not None:
+            mb["row_lengths"] = lengths[start:end]
         out.append(mb)
     return _with_media(out, media, size)
 
 
+def _fit(v: Tensor, full: int, width: int) -> Tensor:
+    """``v`` cut (or zero-padded) along dim 1 to ``width`` when it is a per-position tensor."""
+    if v.dim() < 2 or v.shape[1] != full or width == full:
+        return v
+    return v[:, :width] if width < full else pad_to(v, width)
+
+
+def length_order(rows: Rows) -> list[int]:
+    """Row indices longest first (stable): microbatches of similar lengths pad least."""
+    lengths = rows.lengths.tolist()
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def select_rows(rows: Rows, order: list[int], extra: dict[str, Tensor]) -> tuple[Rows, dict]:
+    """``rows`` (and the row-aligned ``extra``) in the row order ``order`` (a permutation);
+    ``teacher_topk`` follows its OPD rows."""
+    idx = torch.tensor(order, dtype=torch.long, device=rows.tokens.device)
+    topk = rows.teacher_topk
+    if topk is not None:
+        rank, k = {}, 0
+        for i, e in enumerate(rows.row_edges):
+            if e >= 0:
+                rank[i], k = k, k + 1
+        topk = topk[torch.tensor([rank[i] for i in order if i in rank], dtype=torch.long,
+                                 device=topk.device)]  # fmt: skip
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[idx.to(t.device)]
+
+    out = Rows(
+        tokens=pick(rows.tokens), mask=pick(rows.mask), adv=pick(rows.adv), opd=pick(rows.opd),
+        teacher_logp=pick(rows.teacher_logp), beta=pick(rows.beta), edge=pick(rows.edge),
+        row_edges=[rows.row_edges[i] for i in order], teacher_topk=topk,
+        sampler_logp=pick(rows.sampler_logp),
+        media=None if rows.media is None else rows.media.select(order), lengths=pick(rows.lengths),
+    )  # fmt: skip
+    return out, {k: pick(v) for k, v in extra.items()}
+
+
 def microbatches(
-    rows: Rows, size: int, device: torch.device, extra: dict[str, Tensor] | None = None
+    rows: Rows,
+    size: int,
+    device: torch.device,
+    extra: dict[str, Tensor] | None = None,
+    by_length: bool = False,
+    multiple: int = 1,
 ) -> list[dict]:
     """Training microbatches of :class:`Rows` plus row-aligned ``extra`` tensors
     (``old_logp`` / ``ref_logp`` ``[N, L]``).
 
+    Each microbatch is as wide as its longest row (``rows.lengths``; one host sync per call),
+    rounded up to ``multiple``. ``by_length``: rows are ordered longest first before cutting
+    (the loss is a sum over rows, so the order changes no result beyond float summation).
     Each microbatch also carries host metadata: ``opd_rows`` (its rows that are OPD rows, local
-    indices), ``edges`` (the teaching edges it holds) and, when the rows have top-k ids,
-    ``teacher_topk`` ``[len(opd_rows), L, k]`` for exactly those rows; vision rows' ``media``
-    (a ``RowMedia`` of its rows).
+    indices) and ``opd_index`` (the same on the device, made before the forward), ``edges`` (the
+    teaching edges it holds) and, when the rows have top-k ids, ``teacher_topk``
+    ``[len(opd_rows), W, k]`` for exactly those rows; vision rows' ``media`` (a ``RowMedia`` of
+    its rows).
     """
+    extra = dict(extra or {})
+    if by_length and rows.lengths is not None:
+        rows, extra = select_rows(rows, length_order(rows), extra)
     names = ("tokens", "mask", "adv", "opd", "teacher_logp", "beta", "edge")
-    tensors = {k: getattr(rows, k) for k in names} | dict(extra or {})
+    tensors = {k: getattr(rows, k) for k in names} | extra
     if rows.sampler_logp is not None:
         tensors["sampler_logp"] = rows.sampler_logp
-    out = split_microbatches(tensors, size, device, rows.media)
+    lengths = rows.lengths.tolist() if rows.lengths is not None else None
+    out = split_microbatches(tensors, size, device, rows.media, lengths, multiple)
     seen = 0  # OPD rows before this microbatch: its offset into teacher_topk
+    full = rows.tokens.shape[1]
     for i, mb in enumerate(out):
         own = rows.row_edges[i * size : i * size + mb["tokens"].shape[0]]
         mb["opd_rows"] = [j for j, e in enumerate(own) if e >= 0]
+        mb["opd_index"] = torch.tensor(mb["opd_rows"], dtype=torch.long).to(device)
         mb["edges"] = sorted({e for e in own if e >= 0})
         if rows.teacher_topk is not None:
-            mb["teacher_topk"] = rows.teacher_topk[seen : seen + len(mb["opd_rows"])].to(device)
+            topk = rows.teacher_topk[seen : seen + len(mb["opd_rows"])]
+            mb["teacher_topk"] = _fit(topk, full, mb["tokens"].shape[1]).to(device)
         seen += len(mb["opd_rows"])
     return out
 
 
 def sequence_microbatches(
-    tokens: Tensor, size: int, device: torch.device, media: RowMedia | None = None
+    tokens: Tensor,
+    size: int,
+    device: torch.device,
+    media: RowMedia | None = None,
+    lengths: list[int] | None = None,
+    multiple: int = 1,
 ) -> list[dict]:
-    """Forward-only microbatches of sequences ``[N, L]`` and their media (teacher scoring)."""
-    return split_microbatches({"tokens": tokens}, size, device, media)
+    """Forward-only microbatches of sequences ``[N, L]`` and their media (teacher scoring), each
+    as wide as its longest row when ``lengths`` (host ints) are given."""
+    return split_microbatches({"tokens": tokens}, size, device, media, lengths, multiple)
 
 
 def _with_media(mbs: list[dict], media: RowMedia | None, size: int) -> list[dict]:

@@ -33,7 +33,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from copd_mega.config import Config
+from copd_mega.models.gpt import padded_vocab_size
 from copd_mega.parallel import comm
+
+
+def positions_per_chunk(rows: int, vocab_local: int, budget_bytes: float) -> int:
+    """Sequence positions per chunk so that a chunk's fp32 logits copy and its softmax temporary
+    (``rows x chunk x vocab_local x 4`` bytes each) fit ``budget_bytes``; at least 1."""
+    return max(1, int(budget_bytes // (rows * vocab_local * 4 * 2)))
+
+
+def logprob_chunk(cfg: Config) -> int:
+    """The chunk (sequence positions) every log-prob/entropy/top-k call of a job uses:
+    ``rollout.logprob_chunk`` when > 0, else sized from ``rollout.logprob_chunk_mib`` for a
+    micro-batch of ``parallel.micro_batch_size`` rows and this TP rank's vocabulary shard."""
+    r, m, p = cfg.rollout, cfg.model, cfg.parallel
+    if r.logprob_chunk > 0:
+        return r.logprob_chunk
+    v_local = padded_vocab_size(m.vocab_size, m.pad_vocab_to, p.tp) // p.tp
+    return positions_per_chunk(p.micro_batch_size, v_local, r.logprob_chunk_mib * 2**20)
 
 
 def _tp_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from copd_mega.config import Config
 from copd_mega.parallel.topology import Topology
-from copd_mega.rl.logprobs import response_logprobs, token_entropy
+from copd_mega.rl.logprobs import logprob_chunk, response_logprobs, token_entropy
 from copd_mega.rl.losses import (
     clipped_surrogate,
     expand_sequence_advantages,
@@ -78,7 +78,7 @@ def make_loss_fn(cfg: Config, topo: Topology, edges: list[tuple[str, str]]):
     With ``rollout.tis_cap`` > 0 the policy term of each token is weighted by
     ``min(pi_old / pi_sampler, tis_cap)`` (rows must carry ``sampler_logp``).
     """
-    g, vocab, chunk, k = cfg.grpo, cfg.model.vocab_size, cfg.rollout.logprob_chunk, cfg.opd.top_k
+    g, vocab, chunk, k = cfg.grpo, cfg.model.vocab_size, logprob_chunk(cfg), cfg.opd.top_k
     cap = cfg.rollout.tis_cap
 
     def loss_fn(mb: dict, logits: Tensor):
@@ -135,7 +135,7 @@ def _telemetry(mb, logits, logp, old, loss, units, stats, weight, topo, vocab, c
     opd_rows = mb.get("opd_rows", [])
     has_topk = edges and opd_rows and "teacher_topk" in mb
     if has_topk:
-        idx = torch.tensor(opd_rows, device=logits.device)
+        idx = mb["opd_index"] if "opd_index" in mb else torch.tensor(opd_rows, device=logits.device)
         student_topk = aligned_topk(logits[idx], k, topo.pg.tp, vocab, chunk)
     for i in range(len(edges)):
         if i not in mb.get("edges", []):

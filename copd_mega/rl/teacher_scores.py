@@ -38,6 +38,7 @@ def score_sequences(
     chunk: int,
     device: torch.device,
     media: RowMedia | None = None,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]`` of ``tokens`` ``[N, L]``
     (``top_k=0``: log-probs only, the ids come back as ``[N, L, 0]``).
@@ -46,6 +47,8 @@ def score_sequences(
     the branch calls it with the same tokens; the result is valid on the **last PP stage, every
     TP rank**; other stages get ``None``. ``media``: the rows' images/video (vision rows; the
     branch model's ``media_spec`` turns them into VLM inputs), None for text rows.
+    ``lengths [N]``: the rows' real lengths; each microbatch then runs at its longest row's
+    width and positions past a row's length come back as 0.
     """
 
     def loss_fn(mb: dict, logits: Tensor):
@@ -57,16 +60,25 @@ def score_sequences(
         zero = logits.new_zeros(())
         return zero, torch.ones((), dtype=torch.int), {"logp": logp.float(), "topk": topk}
 
+    host_lengths = None if lengths is None else lengths.tolist()
     bm.model.eval()
     try:
-        mbs = sequence_microbatches(tokens, micro_batch_size, device, media)
+        mbs = sequence_microbatches(tokens, micro_batch_size, device, media, host_lengths)
         out = run_microbatches(bm, topo, mbs, loss_fn, forward_only=True)
     finally:
         bm.model.train()
     if not topo.is_last_stage:
         return None
-    n = tokens.shape[0]  # at PP > 1 the last microbatch may carry padding rows: cut them
-    return torch.cat([o["logp"] for o in out])[:n], torch.cat([o["topk"] for o in out])[:n]
+    n, width = tokens.shape  # at PP > 1 the last microbatch may carry padding rows: cut them
+    logp = torch.cat([_to_width(o["logp"], width) for o in out])[:n]
+    return logp, torch.cat([_to_width(o["topk"], width) for o in out])[:n]
+
+
+def _to_width(x: Tensor, width: int) -> Tensor:
+    """``x [b, w, ...]`` cut or zero-padded along dim 1 to ``width``."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
 
 
 def row_logprobs(
@@ -81,5 +93,5 @@ def row_logprobs(
     """Token-aligned log-probs ``[N, L]`` of ``rows`` (with their media) under ``bm``: valid on
     the last PP stage, zeros elsewhere; on ``device`` (old-policy and reference log-probs)."""
     res = score_sequences(bm, topo, rows.tokens, 0, vocab_size, micro_batch_size, chunk, device,
-                          rows.media)  # fmt: skip
+                          rows.media, rows.lengths)  # fmt: skip
     return res[0] if res is not None else torch.zeros(rows.tokens.shape, device=device)

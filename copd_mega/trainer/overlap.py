@@ -40,6 +40,7 @@ from copd_mega.models.vlm import build_vlm
 from copd_mega.parallel import comm
 from copd_mega.parallel.dist import free_port
 from copd_mega.parallel.topology import plan_layout
+from copd_mega.rl.logprobs import logprob_chunk
 from copd_mega.rl.losses import topk_overlap
 from copd_mega.rl.sampling import Rollouts
 from copd_mega.rl.teacher_scores import score_sequences
@@ -79,7 +80,7 @@ def _sums(view, rolls: Rollouts, teacher) -> torch.Tensor:
     """
     cfg, topo, dev = view.cfg, view.rt.topo, view.rt.device
     mine = score_sequences(view.bm, topo, rolls.tokens, cfg.opd.top_k, cfg.model.vocab_size,
-                           cfg.parallel.micro_batch_size, cfg.rollout.logprob_chunk, dev,
+                           cfg.parallel.micro_batch_size, logprob_chunk(cfg), dev,
                            rolls.media)  # fmt: skip
     if mine is None or teacher is None or topo.tp_rank != 0:
         return torch.zeros(3, device=dev)

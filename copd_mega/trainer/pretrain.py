@@ -28,7 +28,7 @@ from copd_mega.models.multimodal import RowMedia, media_spec, prompt_with_media
 from copd_mega.models.step import all_finite, optimizer_step, prepare_for_training, run_microbatches
 from copd_mega.rl.batches import split_microbatches
 from copd_mega.rl.judge import Judge
-from copd_mega.rl.logprobs import response_logprobs
+from copd_mega.rl.logprobs import logprob_chunk, response_logprobs
 from copd_mega.rl.vlm_sampler import make_sampler
 from copd_mega.trainer.evaluate import evaluate
 
@@ -108,7 +108,7 @@ def nll_loss_fn(rt: Runtime):
 
     def loss_fn(mb: dict, logits: Tensor):
         logp = response_logprobs(
-            logits, mb["tokens"], rt.topo.pg.tp, cfg.model.vocab_size, cfg.rollout.logprob_chunk
+            logits, mb["tokens"], rt.topo.pg.tp, cfg.model.vocab_size, logprob_chunk(cfg)
         )
         mask = mb["mask"]
         nll = -(logp * mask).sum()

@@ -20,6 +20,7 @@ from copd_mega.parallel.exchange import (
     unpack_rollouts,
 )
 from copd_mega.rl.batches import Rows, opd_rows
+from copd_mega.rl.logprobs import logprob_chunk
 from copd_mega.rl.sampling import Rollouts
 from copd_mega.rl.schedule import StepPlan
 from copd_mega.rl.teacher_scores import score_sequences
@@ -65,7 +66,7 @@ def peer_scoring(job: BranchJob, peer_out: dict[str, Rollouts], students: list[s
         for s, rolls in incoming.items():
             res = score_sequences(job.bm, topo, rolls.tokens, cfg.opd.top_k,
                                   cfg.model.vocab_size, cfg.parallel.micro_batch_size,
-                                  cfg.rollout.logprob_chunk, dev, rolls.media)  # fmt: skip
+                                  logprob_chunk(cfg), dev, rolls.media, rolls.lengths)  # fmt: skip
             if res is not None:
                 mine[s] = res
     expected = {t: tuple(r.tokens.shape) for t, r in peer_out.items()}

@@ -27,6 +27,7 @@ from copd_mega.parallel import comm
 from copd_mega.parallel.dist import read_launch_env
 from copd_mega.parallel.merge import merge_in_place
 from copd_mega.rl.batches import Rows, concat_rows, microbatches
+from copd_mega.rl.logprobs import logprob_chunk
 from copd_mega.rl.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.rl.schedule import StepPlan, remaining_steps
 from copd_mega.rl.teacher_scores import row_logprobs
@@ -210,7 +211,7 @@ def update(job: BranchJob, rows: Rows, loss_fn):
         extra["ref_logp"] = _row_logprobs(job, job.ref, rows)
     vec, stats = torch.zeros(metric_width(len(job.edges)), device=dev), {}
     for _ in range(cfg.grpo.updates_per_batch):
-        mbs = microbatches(rows, cfg.parallel.micro_batch_size, dev, extra)
+        mbs = microbatches(rows, cfg.parallel.micro_batch_size, dev, extra, cfg.parallel.by_length)
         out = run_microbatches(job.bm, topo, mbs, loss_fn)
         vec = sum(
             (o["metrics"] for o in out), torch.zeros(metric_width(len(job.edges)), device=dev)
@@ -224,7 +225,7 @@ def _row_logprobs(job: BranchJob, bm, rows: Rows) -> torch.Tensor:
     on the device."""
     cfg = job.cfg
     return row_logprobs(bm, job.rt.topo, rows, cfg.model.vocab_size,
-                        cfg.parallel.micro_batch_size, cfg.rollout.logprob_chunk, job.rt.device)  # fmt: skip
+                        cfg.parallel.micro_batch_size, logprob_chunk(cfg), job.rt.device)  # fmt: skip
 
 
 def merge_branches(job: BranchJob) -> None:
