@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ImageLike = Image.Image | np.ndarray
 
@@ -85,12 +85,17 @@ def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
     """Decode PNG/JPEG bytes (any format Pillow reads).
 
     Returns:
-        float32 tensor [3, H, W] in [0, 1]; H = W = `image_size` when given. Raises whatever
-        Pillow raises on undecodable bytes.
+        float32 tensor [3, H, W] in [0, 1]; H = W = `image_size` when given. Raises ValueError
+        saying why on undecodable bytes (the caller names the file or member).
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return pil_to_tensor(img, image_size)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return pil_to_tensor(img, image_size)
+    except UnidentifiedImageError as exn:
+        raise ValueError(f"not an image format Pillow reads ({len(data)} bytes)") from exn
+    except (OSError, SyntaxError) as exn:  # Pillow's errors for truncated or corrupt data
+        raise ValueError(f"damaged image data: {exn}") from exn
 
 
 def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
@@ -168,15 +173,18 @@ def decode_video(
 
     Returns:
         float32 tensor [N, 3, H, W] in [0, 1], N = `num_frames` (all frames when None),
-        H = W = `image_size` when given.
+        H = W = `image_size` when given. Raises ValueError saying why on undecodable bytes.
     """
-    total = video_frame_count(data)
-    if total < 1:
-        raise ValueError("video has no frames")
-    indices = frame_indices(total, num_frames)
-    decoded, kept = _decode_selected(data, set(indices))
-    if decoded != total:
-        indices = frame_indices(decoded, num_frames)
+    try:
+        total = video_frame_count(data)
+        if total < 1:
+            raise ValueError("video has no frames")
+        indices = frame_indices(total, num_frames)
         decoded, kept = _decode_selected(data, set(indices))
+        if decoded != total:
+            indices = frame_indices(decoded, num_frames)
+            decoded, kept = _decode_selected(data, set(indices))
+    except av.FFmpegError as exn:
+        raise ValueError(f"not a video FFmpeg reads ({exn.strerror or exn})") from exn
     frames = [pil_to_tensor(Image.fromarray(kept[i]), image_size) for i in indices]
     return torch.stack(frames)

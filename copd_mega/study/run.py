@@ -163,7 +163,7 @@ def stage1_steps(cfg: Config) -> int:
     expert = build_plan("expert", names, (), s.cycles, s.rl_steps, s.opd_steps)[:n]
     distil = build_plan("static_opd" if len(names) == 2 else "mopd", names, (), s.cycles,
                         s.rl_steps, s.opd_steps, names[0])[:n]  # fmt: skip
-    what = lambda p: (p.step, p.phase, p.learners, p.edges, p.frozen_teachers)  # noqa: E731
+    what = lambda p: (p.step, p.phase, p.learners, p.edges)  # noqa: E731
     same = [what(a) for a in expert] == [what(b) for b in distil]
     return n if same else 0
 
