@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -101,7 +102,10 @@ def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
 def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
     """Encode RGB frames (all the same even width and height) as an H.264 mp4.
 
-    Single-threaded x264 with fixed settings, so the same frames give the same bytes.
+    Byte-for-byte deterministic: the RGB -> YUV 4:2:0 conversion (swscale) and x264 run on one
+    thread each (a threaded encoder's output depends on scheduling), frame ``i`` has pts ``i``
+    in a 1/``fps`` time base, and the muxer and codec write in bitexact mode (no timestamps or
+    version strings in the file).
 
     Returns:
         The mp4 file bytes.
@@ -115,16 +119,24 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
             f"H.264 needs even frame sizes, got {width}x{height}; pad or resize the frames"
         )
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "12", "preset": "fast", "threads": "1"}
-        for arr in arrays:
+        stream.time_base = Fraction(1, fps)
+        codec = stream.codec_context
+        codec.thread_count, codec.thread_type = 1, "NONE"
+        codec.flags |= av.codec.context.Flags.bitexact
+        stream.options = {"crf": "12", "preset": "fast", "threads": "1",
+                          "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}  # fmt: skip
+        for i, arr in enumerate(arrays):
             if arr.shape[:2] != (height, width):
                 raise ValueError(
                     f"all frames must be {width}x{height}, got {arr.shape[1]}x{arr.shape[0]}"
                 )
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            frame = frame.reformat(format="yuv420p", threads=1)
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -144,7 +156,7 @@ def _decode_selected(data: bytes, wanted: set[int]) -> tuple[int, dict[int, np.n
             raise ValueError("no video stream in the mp4")
         for count, frame in enumerate(container.decode(video=0), start=1):
             if count - 1 in wanted:
-                kept[count - 1] = frame.to_ndarray(format="rgb24")
+                kept[count - 1] = frame.reformat(format="rgb24", threads=1).to_ndarray()
     return count, kept
 
 
