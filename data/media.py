@@ -102,10 +102,14 @@ def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
 def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
     """Encode RGB frames (all the same even width and height) as an H.264 mp4.
 
-    Byte-for-byte deterministic: the RGB -> YUV 4:2:0 conversion (swscale) and x264 run on one
-    thread each (a threaded encoder's output depends on scheduling), frame ``i`` has pts ``i``
-    in a 1/``fps`` time base, and the muxer and codec write in bitexact mode (no timestamps or
-    version strings in the file).
+    What a decoder gets back is fixed by the frames alone: the RGB -> YUV 4:2:0 conversion
+    (swscale, one thread) is exact integer arithmetic and x264 encodes it losslessly (``qp=0``),
+    so every decoded frame is that YUV image bit for bit, whatever the encoder decided. That
+    matters because x264's lossy decisions are not reproducible: at ``crf=12`` on one thread,
+    one clip in a few hundred came out with other bytes and decoded pixels off by up to 2 levels
+    when other processes loaded the machine. The rest is pinned too: x264 and its lookahead run
+    on one thread, frame ``i`` has pts ``i`` in a 1/``fps`` time base, and the muxer and codec
+    write in bitexact mode (no version strings or times in the file).
 
     Returns:
         The mp4 file bytes.
@@ -126,7 +130,7 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
         codec = stream.codec_context
         codec.thread_count, codec.thread_type = 1, "NONE"
         codec.flags |= av.codec.context.Flags.bitexact
-        stream.options = {"crf": "12", "preset": "fast", "threads": "1",
+        stream.options = {"qp": "0", "preset": "fast", "threads": "1",
                           "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}  # fmt: skip
         for i, arr in enumerate(arrays):
             if arr.shape[:2] != (height, width):

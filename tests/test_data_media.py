@@ -108,3 +108,27 @@ def test_mp4_bytes_depend_only_on_the_frames():
     env = {"OMP_NUM_THREADS": "8", "FFREPORT": "", "PATH": "/usr/bin:/bin"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, check=True)
     assert other.stdout == data
+
+
+def test_decoded_mp4_frames_are_the_frames_yuv_exactly():
+    """Lossless H.264: decoding gives back the one-thread swscale YUV 4:2:0 image of every frame
+    bit for bit, so training data does not depend on the encoder's (unreproducible) choices."""
+    import io
+    import random
+
+    import av
+
+    rng = random.Random(0)
+    frames = []
+    for _ in range(8):
+        frame = np.zeros((32, 32, 3), dtype=np.uint8)
+        x, y = rng.randrange(16), rng.randrange(16)
+        frame[y : y + 16, x : x + 16] = [rng.randrange(256) for _ in range(3)]
+        frames.append(frame)
+    expect = [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p", threads=1)
+              .to_ndarray() for f in frames]  # fmt: skip
+    with av.open(io.BytesIO(encode_mp4(frames, fps=2))) as c:
+        got = [f.to_ndarray() for f in c.decode(video=0)]
+    assert len(got) == len(expect)
+    for a, b in zip(got, expect, strict=True):
+        assert np.array_equal(a, b)
