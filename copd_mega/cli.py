@@ -11,7 +11,8 @@ multi-rank job the line is printed once: by global rank 0 for errors every rank 
 
 Ctrl-C (SIGINT, which reaches every rank of the job) ends a command with one line from global
 rank 0, ``copd <command>: interrupted ...``, and exit code 130; the other ranks exit quietly.
-Further SIGINTs while the job winds down (e.g. torchrun passing the signal on) are ignored.
+SIGINTs that arrive once the interrupt was caught (e.g. torchrun passing the signal on) are
+ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DEBUG_FLAG = "--debug"
 RANK0_GRACE_S = 5.0
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 _sigints: list[int] = []  # SIGINTs received by this process
+_handled: list[bool] = []  # non-empty once main() has caught the KeyboardInterrupt
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.launch.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
@@ -88,9 +90,10 @@ def report(command: str, error: BaseException) -> None:
 
 
 def _on_sigint(signum, frame) -> None:
-    """The first SIGINT interrupts the command (KeyboardInterrupt); later ones are ignored."""
+    """A SIGINT interrupts the command (KeyboardInterrupt) until ``main`` has caught one; those
+    that arrive while it winds down are ignored (no second traceback)."""
     _sigints.append(signum)
-    if len(_sigints) == 1:
+    if not _handled:
         raise KeyboardInterrupt
 
 
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copd: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _sigints.clear()
+    _handled.clear()
     old_handler = signal.getsignal(signal.SIGINT)
     if not debug and old_handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
@@ -122,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:
+        _handled.append(True)
         if debug:
             raise
         interrupted(name)
         return INTERRUPTED_EXIT
     except Exception as e:
         if _sigints and not debug:  # a peer's exit after the Ctrl-C broke a collective here
+            _handled.append(True)
             interrupted(name)
             return INTERRUPTED_EXIT
         if debug or not isinstance(e, domain_errors()):
