@@ -106,8 +106,8 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
     (swscale, one thread) is exact integer arithmetic and x264 encodes it losslessly (``qp=0``),
     so every decoded frame is that YUV image bit for bit, whatever the encoder decided. That
     matters because x264's lossy decisions are not reproducible: at ``crf=12`` on one thread,
-    one clip in a few hundred came out with other bytes and decoded pixels off by up to 2 levels
-    when other processes loaded the machine. The rest is pinned too: x264 and its lookahead run
+    of two runs started side by side on a loaded machine, one clip of 200 came out with other
+    bytes and decoded pixels up to 2 levels apart. The rest is pinned too: x264 and its lookahead run
     on one thread, frame ``i`` has pts ``i`` in a 1/``fps`` time base, and the muxer and codec
     write in bitexact mode (no version strings or times in the file).
 
