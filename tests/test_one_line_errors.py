@@ -141,6 +141,22 @@ def test_pack_error_names_the_file_and_leaves_no_empty_out(tmp_path, capsys, rec
     assert not (tmp_path / "new").exists()  # neither --out nor the parent it created
 
 
+def test_unreadable_media_file_is_one_line_naming_it(tmp_path, capsys):
+    """A media file that exists but cannot be read (here /proc/self/mem, which fails every read
+    with EIO even for root) ends the pack in one line naming it; no --out is left."""
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "x.png").symlink_to("/proc/self/mem")
+    jsonl = tmp_path / "cap.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "p", "answer": "a", "reward_type": "exact",
+                                 "images": "x.png"}))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["pack", "--jsonl", str(jsonl), "--media", str(tmp_path / "media"), "--out", str(out)]
+    assert data_main(argv) == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and str(tmp_path / "media" / "x.png") in lines[0], lines
+    assert "cannot be read" in lines[0] and not out.exists()
+
+
 def test_pack_error_keeps_an_existing_out_folder(tmp_path, capsys):
     (tmp_path / "new" / "shards").mkdir(parents=True)
     code, _, out = _pack(tmp_path, {"images": "bad.png"}, {"bad.png": b"x"}, capsys)
