@@ -55,6 +55,17 @@ class Stall:
             raise TimeoutError(f"{self.what}: no progress (CPU time) for {self.stall_s:.0f}s")
 
 
+def communicate_until_stalled(proc: subprocess.Popen, stall_s: float, what: str = "") -> tuple:
+    """``proc.communicate()``, waiting as long as ``proc`` (with its descendants) uses CPU;
+    TimeoutError after ``stall_s`` seconds without (the caller kills ``proc``)."""
+    stall = Stall(lambda: [proc.pid], stall_s, what or f"process {proc.pid}")
+    while True:
+        try:
+            return proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            stall.check()
+
+
 def run_until_stalled(
     cmd: list[str], stall_s: float, what: str = "", **popen
 ) -> subprocess.CompletedProcess:
