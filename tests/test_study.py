@@ -129,7 +129,7 @@ def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch
             assert ra[key].get(k) == rb[key].get(k), (key, k)
     report = (out / "report.md").read_text()
     assert "| MOPD, student arith |" in report and "| static OPD, student arith |" in report
-    assert "| CoPD merged |" in report
+    assert "| CoPD merged |" in report.replace("**", "")
 
 
 def test_a_failing_run_ends_the_study_with_one_line_naming_it(tmp_path):
