@@ -8,16 +8,25 @@ with one line, ``copd <command>: error: <what and how to fix it>``, and exit cod
 multi-rank job the line is printed once: by global rank 0 for errors every rank raises alike
 (config, resume decisions, collective checkpoint checks), else by the rank that failed.
 ``--debug`` anywhere on the command line shows the full traceback instead.
+
+Ctrl-C (SIGINT, which reaches every rank of the job) ends a command with one line from global
+rank 0, ``copd <command>: interrupted ...``, and exit code 130; the other ranks exit quietly.
+SIGINTs that arrive once the interrupt was caught (e.g. torchrun passing the signal on) are
+ignored.
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 
 DEBUG_FLAG = "--debug"
 RANK0_GRACE_S = 5.0
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+_sigints: list[int] = []  # SIGINTs received by this process
+_handled: list[bool] = []  # non-empty once main() has caught the KeyboardInterrupt
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.launch.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
@@ -82,6 +91,23 @@ def report(command: str, error: BaseException) -> None:
     sys.stderr.flush()
 
 
+def _on_sigint(signum, frame) -> None:
+    """A SIGINT interrupts the command (KeyboardInterrupt) until ``main`` has caught one; those
+    that arrive while it winds down are ignored (no second traceback)."""
+    _sigints.append(signum)
+    if not _handled:
+        raise KeyboardInterrupt
+
+
+def interrupted(command: str) -> None:
+    """One line on global rank 0 for a Ctrl-C; the other ranks stay quiet."""
+    if _global_rank() != 0:
+        return
+    keep = "; saved checkpoints are kept: continue with --resume=auto" if command == "train" else ""
+    print(f"copd {command}: interrupted (Ctrl-C){keep}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = DEBUG_FLAG in argv
@@ -95,14 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS and name not in HIDDEN:
         print(f"copd: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    _sigints.clear()
+    _handled.clear()
+    old_handler = signal.getsignal(signal.SIGINT)
+    if not debug and old_handler is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         module = importlib.import_module({**COMMANDS, **HIDDEN}[name][0])
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        _handled.append(True)
+        if debug:
+            raise
+        interrupted(name)
+        return INTERRUPTED_EXIT
     except Exception as e:
+        if _sigints and not debug:  # a peer's exit after the Ctrl-C broke a collective here
+            _handled.append(True)
+            interrupted(name)
+            return INTERRUPTED_EXIT
         if debug or not isinstance(e, domain_errors()):
             raise
         report(name, e)
         return 1
+    finally:
+        if old_handler is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_handler)
 
 
 if __name__ == "__main__":

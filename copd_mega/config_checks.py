@@ -5,6 +5,9 @@ Every failure is one ``ConfigError`` that names the setting and the fix."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 from copd_mega.config_tree import ConfigError, non_finite
@@ -24,6 +27,35 @@ _CHOICES = {
 }
 # megatron's "layernorm" recompute needs TransformerEngine (CheckpointWithoutOutput): not offered
 RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
+# A branch name is one path component everywhere (``metrics/<name>.jsonl``, ``branch_<name>``).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_branch_names(names: list[str]) -> None:
+    """Each name is a plain name: letters, digits, ``_ . -``, starting with a letter or digit."""
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+            raise ConfigError(
+                f"branches.{i}.name={name!r} is not a plain name (it names folders and files): "
+                "use letters, digits, '_', '.' or '-', starting with a letter or digit (e.g. "
+                "sort_up)"
+            )
+
+
+def check_run_dir(run_dir: str) -> None:
+    """``run_dir`` (or the first of its parents that exists) must be a folder, not a file."""
+    path = Path(run_dir)
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            if not os.path.isdir(p):
+                where = "is" if p == path else f"is inside {p}, which is"
+                raise ConfigError(
+                    f"run_dir={run_dir} {where} a file, not a folder; set run_dir to a new "
+                    "or existing folder (run_dir=runs/NAME)"
+                )
+            return
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -115,7 +147,9 @@ def validate(cfg: Any) -> None:
         )
     if not cfg.branches:
         raise ConfigError("branches: configure at least one branch")
+    check_run_dir(cfg.run_dir)
     names = cfg.branch_names
+    check_branch_names(names)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"branches: duplicate branch names {dupes}; give each a unique name")

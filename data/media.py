@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from fractions import Fraction
 
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ImageLike = Image.Image | np.ndarray
 
@@ -85,18 +86,30 @@ def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
     """Decode PNG/JPEG bytes (any format Pillow reads).
 
     Returns:
-        float32 tensor [3, H, W] in [0, 1]; H = W = `image_size` when given. Raises whatever
-        Pillow raises on undecodable bytes.
+        float32 tensor [3, H, W] in [0, 1]; H = W = `image_size` when given. Raises ValueError
+        saying why on undecodable bytes (the caller names the file or member).
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return pil_to_tensor(img, image_size)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return pil_to_tensor(img, image_size)
+    except UnidentifiedImageError as exn:
+        raise ValueError(f"not an image format Pillow reads ({len(data)} bytes)") from exn
+    except (OSError, SyntaxError) as exn:  # Pillow's errors for truncated or corrupt data
+        raise ValueError(f"damaged image data: {exn}") from exn
 
 
 def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
     """Encode RGB frames (all the same even width and height) as an H.264 mp4.
 
-    Single-threaded x264 with fixed settings, so the same frames give the same bytes.
+    What a decoder gets back is fixed by the frames alone: the RGB -> YUV 4:2:0 conversion
+    (swscale, one thread) is exact integer arithmetic and x264 encodes it losslessly (``qp=0``),
+    so every decoded frame is that YUV image bit for bit, whatever the encoder decided. That
+    matters because x264's lossy decisions are not reproducible: at ``crf=12`` on one thread,
+    of two runs started side by side on a loaded machine, one clip of 200 came out with other
+    bytes and decoded pixels up to 2 levels apart. The rest is pinned too: x264 and its lookahead run
+    on one thread, frame ``i`` has pts ``i`` in a 1/``fps`` time base, and the muxer and codec
+    write in bitexact mode (no version strings or times in the file).
 
     Returns:
         The mp4 file bytes.
@@ -110,16 +123,24 @@ def encode_mp4(frames: Sequence[ImageLike], fps: int = 8) -> bytes:
             f"H.264 needs even frame sizes, got {width}x{height}; pad or resize the frames"
         )
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "12", "preset": "fast", "threads": "1"}
-        for arr in arrays:
+        stream.time_base = Fraction(1, fps)
+        codec = stream.codec_context
+        codec.thread_count, codec.thread_type = 1, "NONE"
+        codec.flags |= av.codec.context.Flags.bitexact
+        stream.options = {"qp": "0", "preset": "fast", "threads": "1",
+                          "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}  # fmt: skip
+        for i, arr in enumerate(arrays):
             if arr.shape[:2] != (height, width):
                 raise ValueError(
                     f"all frames must be {width}x{height}, got {arr.shape[1]}x{arr.shape[0]}"
                 )
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            frame = frame.reformat(format="yuv420p", threads=1)
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -139,7 +160,7 @@ def _decode_selected(data: bytes, wanted: set[int]) -> tuple[int, dict[int, np.n
             raise ValueError("no video stream in the mp4")
         for count, frame in enumerate(container.decode(video=0), start=1):
             if count - 1 in wanted:
-                kept[count - 1] = frame.to_ndarray(format="rgb24")
+                kept[count - 1] = frame.reformat(format="rgb24", threads=1).to_ndarray()
     return count, kept
 
 
@@ -168,15 +189,18 @@ def decode_video(
 
     Returns:
         float32 tensor [N, 3, H, W] in [0, 1], N = `num_frames` (all frames when None),
-        H = W = `image_size` when given.
+        H = W = `image_size` when given. Raises ValueError saying why on undecodable bytes.
     """
-    total = video_frame_count(data)
-    if total < 1:
-        raise ValueError("video has no frames")
-    indices = frame_indices(total, num_frames)
-    decoded, kept = _decode_selected(data, set(indices))
-    if decoded != total:
-        indices = frame_indices(decoded, num_frames)
+    try:
+        total = video_frame_count(data)
+        if total < 1:
+            raise ValueError("video has no frames")
+        indices = frame_indices(total, num_frames)
         decoded, kept = _decode_selected(data, set(indices))
+        if decoded != total:
+            indices = frame_indices(decoded, num_frames)
+            decoded, kept = _decode_selected(data, set(indices))
+    except av.FFmpegError as exn:
+        raise ValueError(f"not a video FFmpeg reads ({exn.strerror or exn})") from exn
     frames = [pil_to_tensor(Image.fromarray(kept[i]), image_size) for i in indices]
     return torch.stack(frames)

@@ -14,6 +14,7 @@ writer leaves no half shard behind and never removes the shards it was asked to 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from copd_mega.data.media import ImageLike, decode_image, decode_video, encode_png, frame_indices
 
@@ -177,7 +178,30 @@ def write_shards(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")
     out_dir = Path(out_dir)
+    made = _missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_shards_into(samples, out_dir, prefix, samples_per_shard, overwrite)
+    except BaseException:
+        for folder in made:  # the folders this call created, if still empty: no empty --out
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def _write_shards_into(
+    samples: Iterable[dict], out_dir: Path, prefix: str, samples_per_shard: int, overwrite: bool
+) -> list[Path]:
     stale = _existing_shards(out_dir, prefix)
     if stale and not overwrite:
         raise ValueError(
@@ -234,9 +258,17 @@ def _media_file(media_dir: Path, name: object, where: str, field: str) -> Path:
     return path
 
 
+def _read_media_file(path: Path, where: str, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exn:
+        raise ValueError(f"{where}: {field} file {path} cannot be read ({exn.strerror or exn}); "
+                         "check its permissions, or fix the name in the JSONL") from exn  # fmt: skip
+
+
 def _read_image_file(path: Path, where: str) -> bytes:
     """PNG/JPEG bytes pass through after a decode check; other formats are re-encoded as PNG."""
-    data = path.read_bytes()
+    data = _read_media_file(path, where, "image")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -244,7 +276,9 @@ def _read_image_file(path: Path, where: str) -> bytes:
             if fmt not in ("PNG", "JPEG"):
                 data = encode_png(img.convert("RGB"))
     except Exception as exn:
-        raise ValueError(f"{where}: image file {path} cannot be decoded: {exn}") from exn
+        why = "not an image format Pillow reads" if isinstance(exn, UnidentifiedImageError) else exn
+        raise ValueError(f"{where}: image file {path} cannot be decoded ({why}); replace it with "
+                         "a PNG or JPEG image") from exn  # fmt: skip
     return data
 
 
@@ -278,11 +312,12 @@ def _record_from_line(line: str, lineno: int, jsonl_path: Path, media_dir: Path)
             raise ValueError(
                 f"{where}: video {path} is not .mp4; convert it (ffmpeg -i {path.name} out.mp4)"
             )
-        data = path.read_bytes()
+        data = _read_media_file(path, where, "video")
         try:
             decode_video(data, 1)
         except Exception as exn:
-            raise ValueError(f"{where}: video file {path} cannot be decoded: {exn}") from exn
+            raise ValueError(f"{where}: video file {path} cannot be decoded ({exn}); replace it "
+                             "with an H.264 .mp4") from exn  # fmt: skip
         record["video"] = data
     return record
 

@@ -162,6 +162,11 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
     p = cfg.parallel
     per = cfg.ranks_per_branch
     nb = len(cfg.branches)
+    if world_size < 1:
+        raise ConfigError(
+            f"world size {world_size} must be >= 1; use world size {nb * per} ({nb} branches x "
+            f"{per} ranks)"
+        )
     if world_size != nb * per:
         fits = world_size // per if world_size % per == 0 else None
         fix = (

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from progress import run_until_stalled
 
 from copd_mega.ckpt.checkpoint import COMPLETE_FILE
 
@@ -80,14 +81,15 @@ def _env() -> dict[str, str]:
 
 
 def copd(*args: str, ranks: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``copd ARGS`` in a subprocess (``ranks`` > 0: under torchrun with that many ranks)."""
+    """``copd ARGS`` in a subprocess (``ranks`` > 0: under torchrun with that many ranks); fails
+    once it made no progress (used no CPU) for ``timeout`` seconds."""
     from copd_mega.parallel.dist import free_port
 
     cmd = [sys.executable, "-m", "copd_mega.cli", *args]
     if ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                f"--master-port={free_port()}", "-m", "copd_mega.cli", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return run_until_stalled(cmd, timeout, f"copd {' '.join(args[:1])}", env=_env())
 
 
 def copd_popen(*args: str, ranks: int) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in spawned processes (free port; deadline; errors re-raised).
+"""Run a function on N gloo ranks in spawned processes (free port; stall guard; errors re-raised).
 
 ``spawn(fn, nprocs, *args)`` sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for each child, calls
 ``fn(rank, *args)`` there and returns the list of per-rank return values (pickled via torch.save).
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import torch
 import torch.multiprocessing as mp
+from progress import Stall
 
 from copd_mega.parallel.dist import free_port
 
@@ -33,18 +33,23 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
 
 
 def spawn(fn, nprocs: int, *args, timeout: float = 600.0) -> list:
-    """Run ``fn(rank, *args)`` on ``nprocs`` processes; raise if any fails or the deadline passes."""
+    """Run ``fn(rank, *args)`` on ``nprocs`` processes; raise if any fails, or once the ranks
+    made no progress (used no CPU) for ``timeout`` seconds: a slow run on a busy machine is
+    waited for, a hung one is not."""
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(
             _entry, args=(fn, nprocs, free_port(), outdir, args), nprocs=nprocs,
             join=False, start_method="spawn",
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
+        stall = Stall(lambda: [p.pid for p in ctx.processes], timeout,
+                      f"{fn.__name__} on {nprocs} ranks")  # fmt: skip
         while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
+            try:
+                stall.check()
+            except TimeoutError:
                 for p in ctx.processes:
                     p.kill()
-                raise TimeoutError(f"{fn.__name__} on {nprocs} ranks exceeded {timeout:.0f}s")
+                raise
         return [
             torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(nprocs)
         ]

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from progress import Stall, run_until_stalled
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
 # Daemons live in sbin, which a non-login PATH may lack.
@@ -110,9 +112,20 @@ class LocalSlurm:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, *cmd: str, timeout: float = 30.0) -> str:
-        """Run a Slurm client command against this cluster; its stdout, or an error with stderr."""
-        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, timeout: float = 120.0) -> str:
+        """Run a Slurm client command against this cluster; its stdout, or an error with stderr.
+
+        On a busy machine the daemons answer late: the command is waited for as long as it or
+        the daemons keep using CPU, and fails only after ``timeout`` seconds without progress.
+        """
+        stall = Stall(self._daemon_pids, timeout, f"`{' '.join(cmd)}`")
+        while True:
+            try:
+                res = run_until_stalled(list(cmd), timeout, env=self.env)
+                break
+            except TimeoutError:
+                self._check_daemons()
+                stall.check()  # the daemons worked meanwhile: ask again
         if res.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` exited {res.returncode}: {res.stderr.strip()}")
         return res.stdout
@@ -125,10 +138,7 @@ class LocalSlurm:
         """
         job_env = {**(self.env if env is None else env)}
         job_env.update(SLURM_CONF=self.env["SLURM_CONF"], PATH=self.env["PATH"])
-        res = subprocess.run(
-            ["sbatch", "--parsable", *args], cwd=cwd, env=job_env, capture_output=True,
-            text=True, timeout=30,
-        )  # fmt: skip
+        res = run_until_stalled(["sbatch", "--parsable", *args], 120.0, cwd=cwd, env=job_env)
         if res.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {res.stderr.strip()}")
         return int(res.stdout.strip().split(";")[0])
@@ -142,17 +152,24 @@ class LocalSlurm:
         return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "?")
 
     def wait(self, job: int, timeout_s: float, poll_s: float = 2.0) -> tuple[str, str]:
-        """Poll until ``job`` ends; (JobState, ExitCode). Cancels it and raises past the deadline."""
-        deadline = time.monotonic() + timeout_s
+        """Poll until ``job`` ends; (JobState, ExitCode). Waits as long as the cluster (daemons,
+        job steps and their tasks) makes progress; cancels the job and raises after ``timeout_s``
+        seconds without any CPU use."""
+        stall = Stall(self._daemon_pids, timeout_s, f"job {job}")
         while True:
             state, code = self.job_state(job)
             if state in DONE_STATES:
                 return state, code
             self._check_daemons()
-            if time.monotonic() > deadline:
+            try:
+                stall.check()
+            except TimeoutError as e:
                 self.run("scancel", str(job))
-                raise TimeoutError(f"job {job} still {state} after {timeout_s:.0f}s; cancelled")
+                raise TimeoutError(f"job {job} still {state}: {e}; cancelled") from e
             time.sleep(poll_s)
+
+    def _daemon_pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values() if p.poll() is None]
 
     def _check_daemons(self) -> None:
         for name, p in self.procs.items():
@@ -202,7 +219,7 @@ def _spawn(cluster: LocalSlurm, name: str, *args: str) -> None:
     )  # fmt: skip
 
 
-def start_local_slurm(cpus: int = 8, timeout_s: float = 60.0) -> LocalSlurm:
+def start_local_slurm(cpus: int = 8, timeout_s: float = 300.0) -> LocalSlurm:
     """Install if needed, start munged + slurmctld + slurmd, and wait for the node to be idle."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("a local Slurm needs root (slurmd runs as root to start job steps)")
@@ -237,8 +254,10 @@ def start_local_slurm(cpus: int = 8, timeout_s: float = 60.0) -> LocalSlurm:
 
 
 def _node_state(cluster: LocalSlurm) -> str:
-    res = subprocess.run(["sinfo", "-h", "-o", "%t"], env=cluster.env, capture_output=True,
-                         text=True, timeout=10)  # fmt: skip
+    try:
+        res = run_until_stalled(["sinfo", "-h", "-o", "%t"], 60.0, env=cluster.env)
+    except TimeoutError:
+        return ""
     return res.stdout.strip() if res.returncode == 0 else ""
 
 

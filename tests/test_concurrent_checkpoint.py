@@ -53,11 +53,10 @@ def _train_step(bm, topo, cfg, seed: int) -> None:
     optimizer_step(bm)
 
 
-def _wait_for(path: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(path: Path) -> None:
+    """Wait for the peer branch's mark, however slow the machine (``spawn`` fails the test once
+    the ranks stop making progress)."""
     while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
 
 

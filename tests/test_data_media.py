@@ -80,3 +80,55 @@ def test_reader_gives_the_same_frames_for_mp4_and_frame_sequences(tmp_path):
                 abs(a - b) <= 3 for a, b in zip(_levels(sample["frames"]), expected, strict=True)
             )
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(*reads, strict=True))
+
+
+def test_mp4_bytes_depend_only_on_the_frames():
+    """The encoder runs on one thread (colour conversion and x264), frame i has pts i and the
+    file carries no version string or time, so a sample is the same bytes in any process."""
+    import io
+    import subprocess
+    import sys
+    from fractions import Fraction
+
+    import av
+
+    frames = [np.full((16, 16, 3), 40 * i, dtype=np.uint8) for i in range(6)]
+    data = encode_mp4(frames, fps=3)
+    settings = data[data.find(b"options: ") :].split(b"\x00")[0].decode()
+    for fixed in ("threads=1 ", "lookahead_threads=1 ", "sliced_threads=0 "):
+        assert fixed in settings, settings
+    assert b"Lavf" not in data and b"Lavc" not in data  # bitexact: no library version strings
+    with av.open(io.BytesIO(data)) as c:
+        times = [f.pts * f.time_base for f in c.decode(video=0)]
+    assert times == [Fraction(i, 3) for i in range(6)]
+    # Another process, told to use many threads everywhere, writes the same bytes.
+    code = ("import sys, numpy as np; from copd_mega.data.media import encode_mp4; "
+            "f = [np.full((16, 16, 3), 40 * i, dtype=np.uint8) for i in range(6)]; "
+            "sys.stdout.buffer.write(encode_mp4(f, fps=3))")  # fmt: skip
+    env = {"OMP_NUM_THREADS": "8", "FFREPORT": "", "PATH": "/usr/bin:/bin"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, check=True)
+    assert other.stdout == data
+
+
+def test_decoded_mp4_frames_are_the_frames_yuv_exactly():
+    """Lossless H.264: decoding gives back the one-thread swscale YUV 4:2:0 image of every frame
+    bit for bit, so training data does not depend on the encoder's (unreproducible) choices."""
+    import io
+    import random
+
+    import av
+
+    rng = random.Random(0)
+    frames = []
+    for _ in range(8):
+        frame = np.zeros((32, 32, 3), dtype=np.uint8)
+        x, y = rng.randrange(16), rng.randrange(16)
+        frame[y : y + 16, x : x + 16] = [rng.randrange(256) for _ in range(3)]
+        frames.append(frame)
+    expect = [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p", threads=1)
+              .to_ndarray() for f in frames]  # fmt: skip
+    with av.open(io.BytesIO(encode_mp4(frames, fps=2))) as c:
+        got = [f.to_ndarray() for f in c.decode(video=0)]
+    assert len(got) == len(expect)
+    for a, b in zip(got, expect, strict=True):
+        assert np.array_equal(a, b)

@@ -19,6 +19,7 @@ from lost_cases import (
     model_tensors,
     write_config,
 )
+from progress import Stall, communicate_until_stalled
 
 from multiproc import spawn
 
@@ -32,13 +33,15 @@ COMMON = [*TINY, *MOVING, TWO, "schedule.mode=copd", "schedule.cycles=2", "sched
           "schedule.opd_steps=2", "checkpoint.every=0", "checkpoint.keep_last=1"]  # fmt: skip
 
 
-def _wait_for_rows(run_dir, n: int, proc, deadline_s: float = 300) -> None:
-    """Until every branch's JSONL holds ``n`` rows (the job is past its first steps)."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end and proc.poll() is None:
+def _wait_for_rows(run_dir, n: int, proc, stall_s: float = 300) -> None:
+    """Until every branch's JSONL holds ``n`` rows (the job is past its first steps); fails
+    when the job exits first or uses no CPU for ``stall_s`` seconds."""
+    stall = Stall(lambda: [proc.pid], stall_s, "the job")
+    while proc.poll() is None:
         files = list((run_dir / "metrics").glob("*.jsonl"))
         if len(files) == 2 and all(len(f.read_text().splitlines()) >= n for f in files):
             return
+        stall.check()
         time.sleep(0.1)
     raise AssertionError(f"the job did not log {n} steps (exit code {proc.poll()})")
 
@@ -52,7 +55,7 @@ def test_preempted_job_resumes_to_the_uninterrupted_result(tmp_path):
         _wait_for_rows(parts, 1, job)
         for rank in psutil.Process(job.pid).children():  # what Slurm signals: every task
             rank.send_signal(signal.SIGUSR1)
-        out, _ = job.communicate(timeout=300)
+        out, _ = communicate_until_stalled(job, 300)
     finally:
         job.kill()
     assert job.returncode == 0, out[-3000:]

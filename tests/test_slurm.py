@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from progress import run_until_stalled
 from slurm_local import SlurmUnavailable, start_local_slurm
 
 from copd_mega.launch.plan import main as plan_main
@@ -70,9 +71,8 @@ def test_script_is_thin():
 
 
 def test_dry_run_prints_the_64_gpu_layout(capsys):
-    res = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run"], cwd=REPO, env=_clean_env(),
-        capture_output=True, text=True, timeout=120,
+    res = run_until_stalled(
+        ["bash", str(SCRIPT), "--dry-run"], 120, cwd=REPO, env=_clean_env(),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     expected = _plan(capsys, 64, [], GPU_GB)
@@ -82,9 +82,8 @@ def test_dry_run_prints_the_64_gpu_layout(capsys):
 
 
 def test_dry_run_fails_in_one_line_when_memory_does_not_fit():
-    res = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run"], cwd=REPO, env=_clean_env(COPD_GPU_MEMORY_GB="8"),
-        capture_output=True, text=True, timeout=120,
+    res = run_until_stalled(
+        ["bash", str(SCRIPT), "--dry-run"], 120, cwd=REPO, env=_clean_env(COPD_GPU_MEMORY_GB="8"),
     )  # fmt: skip
     assert res.returncode == 1
     (line,) = res.stderr.strip().splitlines()
@@ -92,10 +91,9 @@ def test_dry_run_fails_in_one_line_when_memory_does_not_fit():
 
 
 def test_dry_run_env_var_uses_the_allocation_and_overrides(capsys):
-    res = subprocess.run(
-        ["bash", str(SCRIPT), *CPU_OVERRIDES], cwd=REPO,
-        env=_clean_env(COPD_DRY_RUN="1", SLURM_NTASKS="8"), capture_output=True, text=True,
-        timeout=120,
+    res = run_until_stalled(
+        ["bash", str(SCRIPT), *CPU_OVERRIDES], 120, cwd=REPO,
+        env=_clean_env(COPD_DRY_RUN="1", SLURM_NTASKS="8"),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout == _plan(capsys, 8, CPU_OVERRIDES, GPU_GB)
@@ -163,9 +161,9 @@ def test_scaling_study_submits_one_job_per_branch_count(tmp_path, capsys):
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SBATCH_LOG=str(log),
         SCALING_ROOT=str(root),
     )  # fmt: skip
-    res = subprocess.run(
-        ["bash", str(REPO / "slurm" / "scaling_study.sh"), "schedule.cycles=1"], cwd=REPO,
-        env=env, capture_output=True, text=True, timeout=60,
+    res = run_until_stalled(
+        ["bash", str(REPO / "slurm" / "scaling_study.sh"), "schedule.cycles=1"], 60, cwd=REPO,
+        env=env,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     jobs = [j.splitlines() for j in log.read_text().split("--\n") if j.strip()]

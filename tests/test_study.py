@@ -126,19 +126,20 @@ def test_study_names_bad_input_in_one_line(tmp_path):
         assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], res.stderr
 
 
-@pytest.mark.slow
 def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch(tmp_path):
-    """static_opd reuses the expert run's first cycles * rl_steps steps; the result is the
+    """A study with distillation modes (in ``make test``: it once crashed planning stage 1):
+    static_opd reuses the expert run's first cycles * rl_steps steps; the result is the
     static_opd run trained from the base on its own, bit for bit. mopd (2 branches) is the
-    static_opd run."""
+    static_opd run. copd runs beside them."""
     from lost_cases import metrics_rows, model_tensors
     from study_cases import train_from_file
 
     from multiproc import spawn
 
     out = tmp_path / "study"
-    res = _study(tmp_path, out, "expert,static_opd,mopd", "1")
+    res = _study(tmp_path, out, "copd,expert,static_opd,mopd", "1")
     assert res.stdout.count("same run as static_opd") == 2
+    assert json.loads((out / "runs" / "copd" / "seed1" / "eval.json").read_text())["merged"]
     reused = out / "runs" / "static_opd-arith" / "seed1"
     assert json.loads((reused / "stage1_from.json").read_text())["steps"] == 2
     scratch = tmp_path / "scratch"
@@ -162,6 +163,7 @@ def test_distillation_runs_resumed_from_the_expert_stage_equal_runs_from_scratch
             assert ra[key].get(k) == rb[key].get(k), (key, k)
     report = (out / "report.md").read_text()
     assert "| MOPD, student arith |" in report and "| static OPD, student arith |" in report
+    assert "| CoPD merged |" in report.replace("**", "")
 
 
 def test_a_failing_run_ends_the_study_with_one_line_naming_it(tmp_path):
@@ -172,3 +174,13 @@ def test_a_failing_run_ends_the_study_with_one_line_naming_it(tmp_path):
     assert res.returncode == 1 and len(lines) == 1, res.stdout[-2000:] + res.stderr
     assert "failed with exit code" in lines[0] and "max_seq_length" in lines[0], lines[0]
     assert "study.log" in lines[0]
+
+
+def test_stage1_of_the_distillation_modes_is_the_expert_run_s_first_rl_steps():
+    from copd_mega.config import load_config
+    from copd_mega.study.run import stage1_steps
+
+    cfg = load_config(None, SMALL)
+    assert stage1_steps(cfg) == cfg.schedule.cycles * cfg.schedule.rl_steps == 2
+    three = "branches=[{name: a, data: arith}, {name: r, data: reverse}, {name: s, data: sort}]"
+    assert stage1_steps(load_config(None, [*SMALL, three])) == 2

@@ -12,6 +12,7 @@ step for each engine, with every number it assumes (``copd_mega.launch.predict``
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from copd_mega.config import Config, ConfigError, load_config
@@ -87,12 +88,22 @@ def format_layout(cfg: Config, layout: Layout) -> str:
     return "\n".join(lines)
 
 
+def check_plan_args(world_size: int, gpu_memory_gb: float | None) -> None:
+    """``--world-size`` >= 1; ``--gpu-memory-gb``, when given, finite and > 0."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size {world_size} must be >= 1: the total number of ranks "
+                          "(GPUs), e.g. --world-size 8")  # fmt: skip
+    if gpu_memory_gb is not None and not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise ConfigError(f"--gpu-memory-gb {gpu_memory_gb:g} must be a finite number of GiB > 0 "
+                          "(e.g. 80 for an 80 GB GPU); leave it out to skip the check")  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="copd plan", description=__doc__)
     ap.add_argument("--config", required=True, help="YAML config, e.g. configs/copd_8branch.yaml")
     ap.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs)")
     ap.add_argument(
-        "--gpu-memory-gb", type=float, default=0.0,
+        "--gpu-memory-gb", type=float, default=None,
         help="GPU memory in GiB (80 for an 80 GB GPU): exit 1 when the memory plan exceeds it",
     )  # fmt: skip
     add_predict_args(ap)
@@ -100,14 +111,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     try:
+        check_plan_args(args.world_size, args.gpu_memory_gb)
         cfg = load_config(args.config, args.overrides)
         layout = validate_job(cfg, args.world_size)  # exactly what `copd train` checks
     except ConfigError as e:
-        print(f"copd plan: {e}", file=sys.stderr)
+        print("copd plan: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     generation = []
     try:
-        if (args.gpu or args.gpu_memory_gb > 0) and args.gpu != "cpu":  # generation per engine
+        if (
+            args.gpu or args.gpu_memory_gb is not None
+        ) and args.gpu != "cpu":  # generation per engine
             generation = format_generation(cfg, layout, args)
         if args.predict:  # every phase of a step (copd_mega.launch.step_report)
             generation += format_step_time(cfg, args.world_size, layout.edges, args)
@@ -115,7 +129,7 @@ def main(argv: list[str]) -> int:
         print(f"copd plan: {e}", file=sys.stderr)
         return 1
     print("\n".join([format_layout(cfg, layout), *generation]))
-    if args.gpu_memory_gb > 0:
+    if args.gpu_memory_gb is not None:
         error = fit_error(cfg, memory_parts(cfg), args.gpu_memory_gb)
         if error:
             print(f"copd plan: {error}", file=sys.stderr)
