@@ -8,6 +8,10 @@ with one line, ``copd <command>: error: <what and how to fix it>``, and exit cod
 multi-rank job the line is printed once: by global rank 0 for errors every rank raises alike
 (config, resume decisions, collective checkpoint checks), else by the rank that failed.
 ``--debug`` anywhere on the command line shows the full traceback instead.
+
+Once the process group is up, any error on any rank ends every rank within seconds
+(``parallel/monitor.py``): the first rank to fail tells the others through the job's store and
+reports; the others end without a word, also those blocked in a collective.
 """
 
 from __future__ import annotations
@@ -67,12 +71,13 @@ def _global_rank() -> int:
     return read_launch_env().rank
 
 
-def report(command: str, error: BaseException) -> None:
-    """Print ``error`` as one line on stderr, once per job (see the module docstring)."""
+def report(command: str, error: BaseException, alone: bool = True) -> None:
+    """Print ``error`` as one line on stderr, once per job (see the module docstring).
+    ``alone``: no other rank was told (before the process group; else this rank failed first)."""
     from copd_mega.config import ConfigError
 
     everywhere = isinstance(error, ConfigError) or getattr(error, "everywhere", False)
-    if everywhere and _global_rank() != 0:
+    if alone and everywhere and _global_rank() != 0:
         time.sleep(RANK0_GRACE_S)  # rank 0 reports; exiting first would get it killed unheard
         return
     text = " ".join(str(error).split()) or type(error).__name__
@@ -95,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except Exception as e:
-        if debug or not isinstance(e, domain_errors()):
-            raise
-        report(name, e)
-        return 1
+        from copd_mega.parallel import monitor
+
+        first = monitor.claim_failure()  # None outside a multi-rank job
+        if first is False:
+            return 1  # another rank failed first and reports; its error caused this one
+        try:
+            if debug or not isinstance(e, domain_errors()):
+                raise
+            report(name, e, alone=first is None)
+            return 1
+        finally:
+            if first:
+                monitor.await_acknowledgements()  # the others end before this rank (the store)
 
 
 if __name__ == "__main__":

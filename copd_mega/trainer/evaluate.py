@@ -56,6 +56,7 @@ def evaluate(rt: Runtime, sampler, judge: Judge, caps: list[str], limit: int = 0
             correct += torch.tensor([float((rewards > 0.5).sum()), float(len(samples))])
         if dp > 1:
             correct = correct.to(rt.device)
+            comm.wait_group(topo.pg.dp)  # DP ranks' generations differ in length: no deadline
             comm.all_reduce(correct, group=topo.pg.dp)
         out[cap] = float(correct[0] / max(correct[1], 1.0))
     return out

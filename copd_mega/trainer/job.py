@@ -80,6 +80,7 @@ class BranchJob(RuntimeView):
     logger: MetricsLogger
     ref: BranchModel | None = None  # frozen reference policy, only when grpo.kl_coef > 0
     timings: dict[str, float] = field(default_factory=dict)
+    clock_state: dict = field(default_factory=dict)  # measured step/save times (trainer.clock)
 
     @property
     def name(self) -> str:
@@ -191,6 +192,7 @@ def resume(job: BranchJob) -> bool:
         job.logger.cut_back(0)
         return False
     job.state.load_state_dict(saved["schedule"])
+    job.clock_state = saved.get("clock", {})
     job.native.load_state_dict(saved["native"])
     for t, reader in job.peers.items():
         if t in saved["peers"]:
