@@ -166,12 +166,14 @@ def broadcast_object(obj, src: int = 0, group: dist.ProcessGroup | None = None):
 def init_process_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
     """The default (world) group, env:// rendezvous (``MASTER_ADDR``/``MASTER_PORT``).
 
-    ``timeout_s``: how long a collective (and a blocking store call) may wait. The rendezvous
-    store is kept for :func:`wait_for` (keys under ``copd/``)."""
+    ``timeout_s``: how long a collective may wait. The rendezvous and blocking store calls (group
+    set-up) wait at least :data:`STORE_TIMEOUT_S`: ranks start at different times. The store is
+    kept for :func:`wait_for` (keys under ``copd/``)."""
     global _STORE, _TIMEOUT
     timeout = _TIMEOUT = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    patient = timedelta(seconds=max(timeout_s, STORE_TIMEOUT_S))
+    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=patient))
+    store.set_timeout(patient)
     dist.init_process_group(
         backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
         world_size=world_size, timeout=timeout,
@@ -204,6 +206,7 @@ _STORE: dist.Store | None = None  # the job's rendezvous store (prefix copd/), o
 _TIMEOUT: timedelta | None = None  # parallel.collective_timeout_s, once initialised
 _ROUNDS: dict[str, int] = {}  # channel -> how often this rank has waited on it
 POLL_MAX_S = 0.5  # longest sleep between two polls of the store
+STORE_TIMEOUT_S = 1800.0  # the least a rendezvous or a blocking store call may wait
 LIVENESS_S = 300.0  # an awaited rank whose heartbeat stood still this long is lost
 ALIVE_KEY = "alive/{}"  # per-rank heartbeat counter (``monitor.Monitor`` adds to it)
 
