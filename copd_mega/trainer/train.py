@@ -99,7 +99,7 @@ def run_training(cfg: Config, retrain: bool = False) -> tuple[dict[str, dict[str
             job.logger.log(plan.step, record)
             if stopping or signalled or out_of_time:
                 stopped = (f"{preempted.name}: preempted" if signalled else
-                           why if out_of_time else "schedule.stop_after")  # fmt: skip
+                           (why or "time limit") if out_of_time else "schedule.stop_after")  # fmt: skip
                 _say(f"stopping after step {plan.step} ({stopped}); saved "
                      f"step_{plan.step:06d}, continue with --resume=auto")  # fmt: skip
                 break
@@ -277,7 +277,6 @@ def merge_branches(job: BranchJob) -> None:
     """Weighted in-place merge of every branch's fp32 masters (uniform by default) over the peer
     groups; Adam's moments follow ``merge.optimizer_state``."""
     weights = [b.merge_weight for b in job.cfg.branches]
-    comm.wait_group()  # branches end their steps at different times: no deadline here
     merge_in_place(job.bm.model, job.bm.optimizer, job.rt.topo, weights,
                    job.cfg.merge.optimizer_state)  # fmt: skip
 
