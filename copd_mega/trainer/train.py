@@ -67,8 +67,8 @@ def run_training(cfg: Config, retrain: bool = False) -> tuple[dict[str, dict[str
         return {}, ""
     stopped = ""
     with Preemption() as preempted:
+        clock = StepClock(cfg, leader=read_launch_env().rank == 0)  # the job's start: now
         job = build_job(cfg)
-        clock = StepClock(cfg, leader=dist.get_rank() == 0)
         table = _start(job, mode == "resume")
         clock.load_state_dict(job.clock_state)
         loss_fn = _with_faults(make_loss_fn(cfg, job.rt.topo, job.edges), job)
