@@ -15,10 +15,9 @@ import time
 
 import pytest
 import torch
-from copd_cases import run_mode
-from lost_cases import TINY, TWO, error_lines, metrics_rows, model_tensors
+from lost_cases import error_lines, metrics_rows, model_tensors
 from slurm_local import SlurmUnavailable, start_local_slurm
-from test_slurm import REPO, SCRIPT, _clean_env
+from test_slurm import CONFIG, CPU_OVERRIDES, REPO, SCRIPT, _clean_env
 
 from copd_mega.parallel.dist import free_port
 from multiproc import spawn
@@ -27,9 +26,21 @@ pytestmark = pytest.mark.multiproc
 
 KEYS = ("loss", "reward", "accuracy", "grad_norm", "response_len", "entropy")
 STEPS = 8
-COMMON = [*TINY, TWO, "schedule.mode=copd", "schedule.cycles=2", "schedule.rl_steps=3",
-          "schedule.opd_steps=1", "optim.lr=0.01", "optim.weight_decay=0.1",
-          "checkpoint.every=0", "checkpoint.keep_last=1", "eval.base=false"]  # fmt: skip
+# The script's config cut to 2 one-rank branches (text hub and a spoke) of a tiny text model.
+COMMON = [*CPU_OVERRIDES, "parallel.tp=1", "parallel.pp=1", "schedule.cycles=2",
+          "schedule.rl_steps=3", "schedule.opd_steps=1", "optim.lr=0.01",
+          "optim.weight_decay=0.1", "checkpoint.keep_last=1", "eval.base=false",
+          "logging.progress=false", "checkpoint.end_margin_s=5"]  # fmt: skip
+
+
+def _whole(rank: int, overrides: list[str]) -> None:
+    """The same job uninterrupted, from the same config file (one process per rank)."""
+    from copd_mega.config import load_config
+    from copd_mega.trainer.train import train
+
+    train(load_config(REPO / CONFIG, overrides))
+
+
 # The allocation: one CPU node, 2 tasks (one rank per branch); SIGUSR1 only at the very end, so
 # the trainer's own prediction is what stops it.
 ALLOC = [
@@ -66,8 +77,8 @@ def _submit(slurm, tmp_path, minutes: int, overrides: list[str]) -> tuple[int, o
 
 def test_a_job_longer_than_its_time_limit_finishes_over_several_allocations(slurm, tmp_path):
     whole = tmp_path / "whole"
-    spawn(run_mode, 2, [*COMMON, f"run_dir={whole}"])
-    slow = ["debug.slow_branch=reverse", "debug.slow_step_s=10", "checkpoint.end_margin_s=5"]
+    spawn(_whole, 2, [*COMMON, f"run_dir={whole}"])
+    slow = ["debug.slow_branch=image", "debug.slow_step_s=10"]
     job, out = _submit(slurm, tmp_path, 2, [*COMMON, *slow])
     state, code = slurm.wait(job, 1500)
     text = out.read_text() if out.exists() else "(no output)"
