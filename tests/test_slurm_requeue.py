@@ -1,6 +1,6 @@
 """slurm/copd_8branch.sh on a local Slurm, at time limits shorter than the run.
 
-- A 2-branch CPU job with ``--time=2`` whose steps take ~10 s (``debug.slow_step_s``): the
+- A 2-branch CPU job with ``--time=2`` whose 8 steps take ~20 s each (``debug.slow_step_s``): the
   trainer reads its allocation's end from Slurm (squeue), stops with a checkpoint before a step
   it could not finish and save, the script requeues it, and over several allocations it ends
   with the metrics, evaluation and final weights of the same job run uninterrupted.
@@ -78,7 +78,7 @@ def _submit(slurm, tmp_path, minutes: int, overrides: list[str]) -> tuple[int, o
 def test_a_job_longer_than_its_time_limit_finishes_over_several_allocations(slurm, tmp_path):
     whole = tmp_path / "whole"
     spawn(_whole, 2, [*COMMON, f"run_dir={whole}"])
-    slow = ["debug.slow_branch=image", "debug.slow_step_s=10"]
+    slow = ["debug.slow_branch=image", "debug.slow_step_s=20"]  # 8 steps: > 160 s
     job, out = _submit(slurm, tmp_path, 2, [*COMMON, *slow])
     state, code = slurm.wait(job, 1500)
     text = out.read_text() if out.exists() else "(no output)"
