@@ -13,6 +13,10 @@ Ctrl-C (SIGINT, which reaches every rank of the job) ends a command with one lin
 rank 0, ``copd <command>: interrupted ...``, and exit code 130; the other ranks exit quietly.
 SIGINTs that arrive once the interrupt was caught (e.g. torchrun passing the signal on) are
 ignored.
+
+Once the process group is up, any error on any rank ends every rank within seconds
+(``parallel/monitor.py``): the first rank to fail tells the others through the job's store and
+reports; the others end without a word, also those blocked in a collective.
 """
 
 from __future__ import annotations
@@ -78,12 +82,13 @@ def _global_rank() -> int:
     return read_launch_env().rank
 
 
-def report(command: str, error: BaseException) -> None:
-    """Print ``error`` as one line on stderr, once per job (see the module docstring)."""
+def report(command: str, error: BaseException, alone: bool = True) -> None:
+    """Print ``error`` as one line on stderr, once per job (see the module docstring).
+    ``alone``: no other rank was told (before the process group; else this rank failed first)."""
     from copd_mega.config import ConfigError
 
     everywhere = isinstance(error, ConfigError) or getattr(error, "everywhere", False)
-    if everywhere and _global_rank() != 0:
+    if alone and everywhere and _global_rank() != 0:
         time.sleep(RANK0_GRACE_S)  # rank 0 reports; exiting first would get it killed unheard
         return
     text = " ".join(str(error).split()) or type(error).__name__
@@ -140,10 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             _handled.append(True)
             interrupted(name)
             return INTERRUPTED_EXIT
-        if debug or not isinstance(e, domain_errors()):
-            raise
-        report(name, e)
-        return 1
+        from copd_mega.parallel import monitor
+
+        first = monitor.claim_failure()  # None outside a multi-rank job
+        if first is False:
+            return 1  # another rank failed first and reports; its error caused this one
+        try:
+            if debug or not isinstance(e, domain_errors()):
+                raise
+            report(name, e, alone=first is None)
+            return 1
+        finally:
+            if first:
+                monitor.await_acknowledgements()  # the others end before this rank (the store)
     finally:
         if old_handler is signal.default_int_handler:
             signal.signal(signal.SIGINT, old_handler)

@@ -90,6 +90,9 @@ class ParallelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective
     recompute_num_layers: int = 1  # full: layers per recomputed chunk (megatron's uniform)
     by_length: bool = True  # an update's rows go longest first into micro-batches
+    # Deadline of one collective. Ranks wait for uneven work (generation, scoring, another
+    # branch's step) in store waits without a deadline first (parallel/comm.py: wait_for).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -226,6 +229,14 @@ class CheckpointConfig:
     # never | required (`copd train --resume`: error without a checkpoint) | auto (`--resume=auto`:
     # continue from the newest complete step if there is one, else start fresh)
     resume: str = "never"
+    # By the clock (global rank 0 decides at each step boundary, every rank follows): save once
+    # this many minutes passed since the last save (0 = off); stop with a checkpoint before a
+    # step (predicted from measured step and save times, + end_margin_s) would end after the
+    # allocation's end: Slurm's (SLURM_JOB_END_TIME or squeue), or time_limit_minutes after this
+    # job started, whichever is sooner (0 = no own limit).
+    every_minutes: float = 0.0
+    time_limit_minutes: float = 0.0
+    end_margin_s: float = 60.0
 
 
 @dataclass
@@ -242,6 +253,10 @@ class DebugConfig:
 
     nan_loss_at_step: int = -1  # the loss of this global step is NaN on every rank (step skipped)
     crash_in_save_at_step: int = -1  # every rank is SIGKILLed inside the save of this step
+    slow_branch: str = ""  # this branch sleeps slow_step_s at the start of each of its steps
+    slow_step_s: float = 0.0
+    fail_at_step: int = -1  # global rank fail_rank raises a data error in the middle of this step
+    fail_rank: int = 1
 
 
 @dataclass

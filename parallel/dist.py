@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from copd_mega.parallel import comm
+from copd_mega.parallel import comm, monitor
 from copd_mega.parallel.cpu import enter_cpu_mode
 
 
@@ -62,6 +62,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, seed: int 
 
     Single-process runs get a world of one (``MASTER_ADDR``/``MASTER_PORT`` default to a
     loopback rendezvous on a free port). Without CUDA the CPU compatibility layer is entered.
+    ``timeout_s`` (``parallel.collective_timeout_s``) bounds each collective; waits for uneven
+    work go through ``comm.wait_for``, which has no deadline. Multi-rank jobs start this rank's
+    ``monitor`` (heartbeat; another rank's failure ends this one).
     """
     launch = read_launch_env()
     chosen = choose_backend(backend)
@@ -82,6 +85,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, seed: int 
         )
     comm.init_process_group(chosen, launch.rank, launch.world_size, timeout_s)
     os.environ["WORLD_SIZE"] = str(launch.world_size)  # HyperCommGrid reads it
+    monitor.start()
     return launch
 
 

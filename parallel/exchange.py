@@ -8,6 +8,10 @@ is point-to-point between exactly those two ranks (NCCL on GPU, gloo on CPU). Ev
 all of its sends and receives of one round together (``batch_isend_irecv``), so edges that run
 both ways in the same step cannot deadlock.
 
+Each round starts with a store wait for exactly the ranks it exchanges with
+(``comm.wait_for_peers``, no deadline): a teacher still sampling (the hub samples on every
+spoke's prompts) or scoring keeps its students waiting there, not in a p2p receive that times out.
+
 Round 1 (:func:`send_rollouts`): shapes first, then the packed rollouts.
 Round 2 (:func:`return_scores`): teacher log-probs ``[N, L]`` fp32 and top-k ids ``[N, L, k]``.
 """
@@ -44,6 +48,7 @@ def send_rollouts(
     of the teacher branch).
     """
     layout, rank = topo.layout, topo.rank
+    comm.wait_for_peers([layout.peer_rank(rank, b) for b in [*outgoing, *students]], "exchange")
     shapes_in = {s: torch.zeros(2, dtype=torch.long, device=device) for s in students}
     comm.send_recv(
         [
@@ -80,6 +85,7 @@ def return_scores(
     if not topo.is_last_stage:
         return {}
     layout, rank = topo.layout, topo.rank
+    comm.wait_for_peers([layout.peer_rank(rank, b) for b in [*scores, *expected]], "scores")
     sends, recvs = [], []
     for student, (logp, topk) in scores.items():
         peer = layout.peer_rank(rank, student)

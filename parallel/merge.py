@@ -92,8 +92,10 @@ def weighted_all_reduce(
     """In place: every tensor becomes the sum over ``group`` of ``weight * tensor``.
 
     Collective over ``group``; every rank passes tensors of the same shapes and dtype, in the
-    same order, on its compute device. One all-reduce per bucket.
+    same order, on its compute device. One all-reduce per bucket, after a store wait for the
+    group without a deadline (branches reach a merge at different times).
     """
+    comm.wait_group(group)
     for bucket in buckets(tensors, bucket_numel):
         flat = _flatten_dense_tensors(bucket).mul_(weight)
         comm.all_reduce(flat, group=group)

@@ -228,7 +228,9 @@ def _build_branch_pgs(layout: Layout, branch: BranchLayout):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     grid = HyperCommGrid([layout.tp, 1, 1, layout.pp, layout.dp], GRID_DIMS, branch.first_rank)
-    g = {name: grid.create_pg(dims) for name, dims in [
+    comm.wait_group()  # ranks reach start-up at different times; group set-up has a deadline
+    timeout = comm.collective_timeout()
+    g = {name: grid.create_pg(dims, timeout=timeout) for name, dims in [
         ("tp", "tp"), ("cp", "cp"), ("ep", "ep"), ("pp", "pp"), ("dp", "dp"),
         ("dp_cp", ["cp", "dp"]), ("mp", ["tp", "pp"]), ("tp_cp", ["tp", "cp"]),
         ("tp_ep", ["tp", "ep"]), ("tp_ep_pp", ["tp", "ep", "pp"]),

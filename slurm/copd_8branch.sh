@@ -22,8 +22,12 @@
 #   MASTER_PORT   rendezvous port (default derived from the job id)
 #
 # A resubmitted or requeued job continues from the newest complete step in RUN/checkpoints
-# (--resume=auto; see checkpoint.every). Two minutes before the time limit Slurm sends SIGUSR1:
-# every rank saves a checkpoint at the next step boundary and exits 0, ready to be requeued.
+# (--resume=auto). Checkpoints come every checkpoint.every_minutes, and the job reads its
+# allocation's end from Slurm: it does not start a step it could not finish and save before
+# the end (predicted from measured step and save times); it saves, and this script requeues
+# it (scontrol requeue; the job keeps its id and waits in the queue again). SIGUSR1 two minutes
+# before the limit (or SIGTERM) does the same at the next step boundary. A job that ended with
+# an error is not requeued.
 #SBATCH --job-name=copd-8branch
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
@@ -72,5 +76,16 @@ export PYTHONUNBUFFERED=1
 
 # --resume=auto starts fresh when the run directory holds no complete checkpoint (it says which).
 # --kill-on-bad-exit: one failed rank ends the step rather than leaving the others blocked.
+# --stopped-file: global rank 0 writes it when the job stopped early with a checkpoint.
+stopped="${SLURM_SUBMIT_DIR:-.}/.copd-stopped-$SLURM_JOB_ID"
+rm -f "$stopped"
+rc=0
 srun --kill-on-bad-exit=1 "$PYTHON" -m copd_mega.cli train --config "$CONFIG" --resume=auto \
-  ${COPD_RUN_DIR:+"run_dir=$COPD_RUN_DIR"} "$@"
+  --stopped-file "$stopped" ${COPD_RUN_DIR:+"run_dir=$COPD_RUN_DIR"} "$@" || rc=$?
+if [[ $rc == 0 && -s "$stopped" ]]; then
+  echo "copd_8branch.sh: requeueing job $SLURM_JOB_ID ($(cat "$stopped"))"
+  rm -f "$stopped"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+rm -f "$stopped"
+exit "$rc"

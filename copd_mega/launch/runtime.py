@@ -12,7 +12,7 @@ from copd_mega.config import Config
 from copd_mega.launch.datasets import ChatCodec, PromptCodec, make_codec, prepare_data
 from copd_mega.launch.plan import format_layout
 from copd_mega.launch.validate import check_vocab
-from copd_mega.parallel import comm
+from copd_mega.parallel import comm, monitor
 from copd_mega.parallel.dist import device, init_distributed
 from copd_mega.parallel.topology import Layout, Topology, build_topology, plan_layout
 
@@ -40,7 +40,7 @@ def start(cfg: Config, check: Callable[[Config, int], Layout] = plan_layout) -> 
     (the same text as ``copd plan``) before any model is built. Checks the tokenizer fits
     ``model.vocab_size`` before any model exists.
     """
-    init_distributed(cfg.parallel.backend, seed=cfg.seed)
+    init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_s, seed=cfg.seed)
     world = dist.get_world_size()
     layout = check(cfg, world)  # raises a ConfigError naming the fix
     if dist.get_rank() == 0:
@@ -53,6 +53,7 @@ def start(cfg: Config, check: Callable[[Config, int], Layout] = plan_layout) -> 
 
 
 def shutdown() -> None:
+    monitor.stop()  # an orderly end: the store's host may leave once the barrier is passed
     if dist.is_initialized():
         comm.barrier()
         comm.destroy_process_group()

@@ -50,6 +50,7 @@ class Judge:
             buf[len(items) :] = torch.tensor([counts["ok"], counts["timeout"], counts["error"]])
         if dist.get_world_size(self.group) > 1:
             buf = buf.to(self.device)
+            comm.wait_group(self.group)  # scoring takes up to items x timeout / workers
             comm.broadcast(buf, src=self.src, group=self.group)
             buf = buf.cpu()
         ok, timeout, error = (int(x) for x in buf[len(items) :].tolist())

@@ -68,6 +68,7 @@ def evaluate(
             mine = {s["id"]: int(r) for s, r in zip(samples, right.tolist(), strict=True)}
         if dp > 1:
             correct = correct.to(rt.device)
+            comm.wait_group(topo.pg.dp)  # DP ranks' generations differ in length: no deadline
             comm.all_reduce(correct, group=topo.pg.dp)
         if problems is not None:
             parts = comm.all_gather_object(mine, group=topo.pg.dp) if dp > 1 else [mine]

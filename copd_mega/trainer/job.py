@@ -83,6 +83,7 @@ class BranchJob(RuntimeView):
     timings: dict[str, float] = field(default_factory=dict)
     # final evaluation per problem: table row -> capability -> sample id -> 1/0 (every rank)
     problems: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    clock_state: dict = field(default_factory=dict)  # measured step/save times (trainer.clock)
 
     @property
     def name(self) -> str:
@@ -194,6 +195,7 @@ def resume(job: BranchJob) -> bool:
         job.logger.cut_back(0)
         return False
     job.state.load_state_dict(saved["schedule"])
+    job.clock_state = saved.get("clock", {})
     job.native.load_state_dict(saved["native"])
     for t, reader in job.peers.items():
         if t in saved["peers"]:

@@ -111,6 +111,7 @@ def probe(view, edges: list[tuple[str, str]], data_of: dict[str, str], seed: int
     if not teachers:
         return {}
     vec = torch.cat([_sums(view, peer_out[t], scores.get(t)) for t in teachers])
+    comm.wait_group(topo.branch_group)  # DP ranks' probe rollouts differ in length
     comm.all_reduce(vec, group=topo.branch_group)
     out = {}
     for t, (ov, dl, n) in zip(teachers, vec.view(-1, 3).tolist(), strict=True):

@@ -2,15 +2,18 @@
 
 Slurm sends ``SIGUSR1`` ahead of the time limit with ``#SBATCH --signal=USR1@120`` (and SIGTERM
 when it preempts or cancels a job); a requeued job then continues with ``--resume=auto``. The
-handler only records the signal. At each step boundary every rank joins one MAX all-reduce of
-that flag over the world, so all ranks stop after the same step even when the signal reached
-only some of them.
+handler only records the signal. At each step boundary every rank first waits for all others
+in the store (``comm.wait_group``: no deadline, so a branch whose step ran tens of minutes longer
+times nothing out), then joins one MAX all-reduce over the world of that flag and of global rank
+0's clock decisions (save / stop, ``trainer.clock``), so all ranks save and stop after the same
+step even when the signal reached only some of them.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,14 +44,27 @@ class Preemption:
             signal.signal(sig, old)
         self._old.clear()
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective over the world: True on every rank when any rank was signalled.
+    def agreed(
+        self, device: torch.device, step_s: float, decide: Callable[[float], tuple[bool, bool]]
+    ) -> tuple[bool, bool, bool]:
+        """Collective over the world: (any rank signalled, save, stop), the same on every rank.
 
-        ``device``: the rank's compute device (the flag tensor lives there, as NCCL requires).
+        ``step_s``: this rank's time since its step started. After every rank arrived, global
+        rank 0 calls ``decide(slowest rank's step_s)`` -> (save, stop) and broadcasts it.
+        ``device``: the rank's compute device (the tensors live there, as NCCL requires).
         """
-        flag = torch.tensor([1.0 if self.name else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if self.name else 0.0, step_s], device=device)
+        many = dist.is_initialized() and dist.get_world_size() > 1
+        if many:
+            comm.wait_group()  # the slowest branch's step may run long: wait without a deadline
             comm.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and not self.name:
+        signalled, slowest = flag.tolist()
+        leader = not dist.is_initialized() or dist.get_rank() == 0
+        verdict = torch.tensor([float(v) for v in decide(slowest)] if leader else [0.0, 0.0],
+                               device=device)  # fmt: skip
+        if many:
+            comm.broadcast(verdict, src=0)
+        if signalled > 0 and not self.name:
             self.name = "a signal to another rank"
-        return bool(flag.item() > 0)
+        save, stop = (v > 0 for v in verdict.tolist())
+        return signalled > 0, save, stop

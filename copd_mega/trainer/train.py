@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from copd_mega.ckpt.checkpoint import CheckpointError, save_step, write_text_atomic
 from copd_mega.config import Config, load_config
+from copd_mega.data.reader import DataError
 from copd_mega.launch.run_dir import claim_run_dir
 from copd_mega.launch.runtime import shutdown
 from copd_mega.models.step import all_finite, optimizer_step, run_microbatches
@@ -32,6 +33,7 @@ from copd_mega.rl.objective import make_loss_fn, metric_width, unpack_metrics
 from copd_mega.rl.schedule import StepPlan, remaining_steps
 from copd_mega.rl.teacher_scores import row_logprobs
 from copd_mega.rl.vllm_engine import sync_engine
+from copd_mega.trainer.clock import StepClock
 from copd_mega.trainer.job import (
     BranchJob,
     build_job,
@@ -50,20 +52,34 @@ from copd_mega.trainer.teaching import opd_step_rows
 
 
 def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
-    """Run the configured job to the end, or until preempted; returns the evaluation table (on
-    global rank 0). How it starts (resume / fresh / already finished) is ``job.start_mode``."""
+    """Run the configured job to the end, or until it stops early with a checkpoint; returns
+    the evaluation table (on global rank 0). See :func:`run_training`."""
+    return run_training(cfg, retrain)[0]
+
+
+def run_training(cfg: Config, retrain: bool = False) -> tuple[dict[str, dict[str, float]], str]:
+    """(evaluation table on global rank 0, why the job stopped early with a checkpoint or "").
+
+    How it starts (resume / fresh / already finished) is ``job.start_mode``. At each step
+    boundary every rank agrees on saving and stopping (``Preemption.agreed``: signals, and global
+    rank 0's ``checkpoint.every_minutes`` and time-limit decisions, ``trainer.clock``)."""
     claim_run_dir(cfg)  # one job per run directory, before anything is read or written
     mode, message = start_mode(cfg, retrain)
     if mode == "finished" or mode == "fresh":
         _say(message)
     if mode == "finished":
-        return {}
+        return {}, ""
+    stopped = ""
     with Preemption() as preempted:
+        clock = StepClock(cfg, leader=read_launch_env().rank == 0)  # the job's start: now
         job = build_job(cfg)
         table = _start(job, mode == "resume")
+        clock.load_state_dict(job.clock_state)
         loss_fn = _with_faults(make_loss_fn(cfg, job.rt.topo, job.edges), job)
         stop = cfg.schedule.stop_after
         for done, plan in enumerate(remaining_steps(job.plan, job.state), start=1):
+            if done == 1 and clock.leader:
+                clock.check_first_step(plan.phase, plan.step == len(job.plan) - 1)
             job.timings = {}
             t0 = time.perf_counter()
             record = cycle_step(job, plan, loss_fn)
@@ -74,24 +90,45 @@ def train(cfg: Config, retrain: bool = False) -> dict[str, dict[str, float]]:
                     merge_branches(job)
             every, more = cfg.checkpoint.every, job.state.next_step < len(job.plan)
             stopping = stop and done >= stop and more
-            signalled = more and preempted.agreed(job.rt.device)
-            if (every and job.state.next_step % every == 0) or stopping or signalled:
+            signalled, by_clock, out_of_time, why = (
+                _boundary(job, clock, preempted, t0) if more else (False, False, False, "")
+            )
+            if (every and job.state.next_step % every == 0) or stopping or signalled or by_clock:
                 with job.timed("checkpoint"):
                     save_step(Path(cfg.run_dir) / "checkpoints", plan.step, job.bm, job.rt.topo,
-                              cfg, trainer_state(job))  # fmt: skip
+                              cfg, {**trainer_state(job), "clock": clock.state_dict()})  # fmt: skip
+                clock.saved(job.timings["time/checkpoint"])
             record.update(job.timings, **{"time/step": time.perf_counter() - t0})
             record["tokens_per_s"] = record.get("train_tokens", 0.0) / record["time/step"]
             job.logger.log(plan.step, record)
-            if stopping or signalled:
-                why = f"{preempted.name}: preempted" if signalled else "schedule.stop_after"
-                _say(f"stopping after step {plan.step} ({why}); saved step_{plan.step:06d}, "
-                     "continue with --resume=auto")  # fmt: skip
+            if stopping or signalled or out_of_time:
+                stopped = (f"{preempted.name}: preempted" if signalled else
+                           (why or "time limit") if out_of_time else "schedule.stop_after")  # fmt: skip
+                _say(f"stopping after step {plan.step} ({stopped}); saved "
+                     f"step_{plan.step:06d}, continue with --resume=auto")  # fmt: skip
                 break
         else:
             finish(job, table)
     job.logger.close()
     job.judge.close()
-    return table
+    return table, stopped
+
+
+def _boundary(job: BranchJob, clock: StepClock, preempted: Preemption, t0: float):
+    """Collective over the world at a step boundary, before the next step: (any rank signalled,
+    save by the clock, stop for the time limit, why: rank 0's reason). Global rank 0 records the
+    slowest rank's step time and decides; every rank follows."""
+    why = [""]
+
+    def decide(slowest_s: float) -> tuple[bool, bool]:
+        clock.record_step(job.plan[job.state.next_step - 1].phase, slowest_s)
+        nxt = job.state.next_step
+        save, stop, why[0] = clock.decide(job.plan[nxt].phase, nxt == len(job.plan) - 1)
+        return save, stop
+
+    with job.timed("wait"):
+        signalled, save, stop = preempted.agreed(job.rt.device, time.perf_counter() - t0, decide)
+    return signalled, save or stop, stop, why[0]
 
 
 def _say(message: str) -> None:
@@ -126,6 +163,18 @@ def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
     return table
 
 
+def _debug_faults(job: BranchJob, plan: StepPlan, where: str) -> None:
+    """``debug.slow_branch``: that branch sleeps ``debug.slow_step_s`` at the start of each step;
+    ``debug.fail_at_step=N``: global rank ``debug.fail_rank`` raises a data error after step N's
+    rollout (its peers are in the step's collectives by then)."""
+    d = job.cfg.debug
+    if where == "start" and d.slow_branch == job.name and d.slow_step_s > 0:
+        time.sleep(d.slow_step_s)
+    if where == "after rollout" and plan.step == d.fail_at_step and dist.get_rank() == d.fail_rank:
+        raise DataError(f"debug.fail_at_step={plan.step}: a data error injected on global rank "
+                        f"{d.fail_rank} in the middle of the step")  # fmt: skip
+
+
 def _with_faults(loss_fn, job: BranchJob):
     """``loss_fn``, or with ``debug.nan_loss_at_step=N`` one whose loss is NaN in step N."""
     at = job.cfg.debug.nan_loss_at_step
@@ -153,15 +202,19 @@ def cycle_step(job: BranchJob, plan: StepPlan, loss_fn) -> dict:
     learner = me in plan.learners
     record: dict = {"cycle": plan.cycle, "phase": plan.phase, "learner": int(learner)}
     parts: list[Rows] = []
+    _debug_faults(job, plan, "start")
     if learner:
         with job.timed("rollout"):
             samples, rolls = rollout_native(job, plan.step)
+        _debug_faults(job, plan, "after rollout")
         with job.timed("reward"):
             rows, reward_sums = reward_and_advantages(job, samples, rolls)
         parts.append(rows)
     if plan.phase == "opd":
         parts += opd_step_rows(job, plan)
     if learner:
+        with job.timed("wait"):  # DP ranks' rollouts differ in length: no deadline here
+            comm.wait_group(job.rt.topo.branch_group)
         with job.timed("train"):
             metrics_vec, stats = update(job, concat_rows(parts, pad_id=job.rt.codec.pad), loss_fn)
         sync_engine(job)  # rollouts of the next step come from the updated weights
@@ -282,11 +335,17 @@ def main(argv: list[str]) -> int:
                     "(requeued jobs); says which in one line")  # fmt: skip
     ap.add_argument("--retrain", action="store_true",
                     help="start over even when RUN holds checkpoints or a finished run")  # fmt: skip
+    ap.add_argument("--stopped-file", default="", metavar="FILE",
+                    help="when the job stops before the end with a checkpoint to continue from "
+                    "(time limit, signal, schedule.stop_after), global rank 0 writes the reason "
+                    "to FILE; slurm/copd_8branch.sh requeues the job when it exists")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.resume:
         cfg.checkpoint.resume = args.resume
-    train(cfg, retrain=args.retrain)
+    _, stopped = run_training(cfg, retrain=args.retrain)
+    if stopped and args.stopped_file and dist.get_rank() == 0:
+        write_text_atomic(Path(args.stopped_file), stopped + "\n")
     shutdown()
     return 0
