@@ -41,13 +41,14 @@ def _whole(rank: int, overrides: list[str]) -> None:
     train(load_config(REPO / CONFIG, overrides))
 
 
-# The allocation: one CPU node, 2 tasks (one rank per branch); SIGUSR1 only at the very end, so
-# the trainer's own prediction is what stops it.
+# The allocation: one CPU node, 2 tasks (one rank per branch). The script's SIGUSR1 is replaced by
+# SIGURG to the batch shell, which ignores it: Slurm delivers `--signal` up to a minute early, so
+# with SIGUSR1 it would stop these short allocations before the trainer's own prediction does.
 ALLOC = [
     "--nodes=1",
     "--ntasks-per-node=2",
     "--gpus-per-node=0",
-    "--signal=USR1@1",
+    "--signal=B:URG@1",
     "--open-mode=append",
 ]  # every allocation's output in one file
 
