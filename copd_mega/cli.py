@@ -31,6 +31,8 @@ RANK0_GRACE_S = 5.0
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 _sigints: list[int] = []  # SIGINTs received by this process
 _handled: list[bool] = []  # non-empty once main() has caught the KeyboardInterrupt
+_command: list[str] = []  # the running command's name, for the Ctrl-C backstop
+INTERRUPT_GRACE_S = 30.0  # a Ctrl-C ends the process within this long, whatever swallowed it
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("copd_mega.launch.plan", "print the rank layout for N ranks (dry run, no GPUs)"),
@@ -100,8 +102,27 @@ def _on_sigint(signum, frame) -> None:
     """A SIGINT interrupts the command (KeyboardInterrupt) until ``main`` has caught one; those
     that arrive while it winds down are ignored (no second traceback)."""
     _sigints.append(signum)
+    if len(_sigints) == 1:  # backstop: a library that swallows the KeyboardInterrupt (a
+        # broad except in a collective or a worker pool) must not keep the job running
+        import threading
+
+        timer = threading.Timer(INTERRUPT_GRACE_S, _end_interrupted)
+        timer.daemon = True
+        timer.start()
     if not _handled:
         raise KeyboardInterrupt
+
+
+def _end_interrupted() -> None:
+    """The first Ctrl-C did not end the command within ``INTERRUPT_GRACE_S``: say so once (rank
+    0) and end this process with the Ctrl-C exit code; the launcher ends the other ranks."""
+    import os
+
+    if not _handled:
+        _handled.append(True)
+        interrupted(_command[0] if _command else "")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT)
 
 
 def interrupted(command: str) -> None:
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _sigints.clear()
     _handled.clear()
+    _command[:] = [name]
     old_handler = signal.getsignal(signal.SIGINT)
     if not debug and old_handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
