@@ -90,7 +90,7 @@ def _files(root: Path) -> dict[str, object]:
     Not compared, because two lone runs differ there too: the ``.distcp`` bytes and the
     distributed optimizer's bucket tensors (megatron leaves their padding uninitialised), and
     those three generator states (the CUDA stand-in and megatron's tensor-parallel generators
-    are compared)."""
+    are compared), and the trainer state's ``clock`` (measured step and save times)."""
     out: dict[str, object] = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
@@ -100,6 +100,8 @@ def _files(root: Path) -> dict[str, object]:
             out[rel] = _branch_contents(p.parent)
         elif p.parent.name == "trainer_state":
             rec = torch.load(p, weights_only=False)
+            rec.pop("clock", None)  # measured step and save seconds: wall-clock, never equal
+            (rec.get("trainer_state") or {}).pop("clock", None)
             rng = {k: v for k, v in rec.pop("rng").items() if k not in ("python", "numpy", "torch")}
             out[rel] = _plain((rec, rng))
         else:
