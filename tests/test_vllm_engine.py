@@ -81,7 +81,7 @@ rollout: {{prompts_per_step: 2, max_new_tokens: 6, engine: vllm, kv_cache_gb: 0.
 grpo: {{group_size: 2}}
 opd: {{prompts_per_peer: 2, samples_per_prompt: 1}}
 schedule: {{cycles: 1, rl_steps: 1, opd_steps: 1}}
-checkpoint: {{every: 1}}
+checkpoint: {{every: 1, random_init: true}}
 optim: {{lr: 0.003}}
 logging: {{progress: false}}
 """

@@ -6,7 +6,7 @@ import torch
 
 # head_dim 32: vLLM's CPU attention kernels take head sizes of 32 and up
 MODEL = ["model.hidden_size=64", "model.num_attention_heads=2", "model.num_query_groups=2",
-         "model.tie_embeddings=false", "model.init_std=0.1"]  # fmt: skip
+         "model.tie_embeddings=false", "model.init_std=0.1", "checkpoint.random_init=true"]  # fmt: skip
 ENGINE = ["rollout.engine=vllm", "rollout.kv_cache_gb=0.02", "rollout.max_batch_size=16"]
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [30, 31], [12, 40, 7]]
 
