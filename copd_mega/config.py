@@ -155,9 +155,10 @@ class RolloutConfig:
     tis_cap: float = 0.0  # truncated importance sampling min(pi_trainer/pi_sampler, C); 0 = off
     max_batch_size: int = 64  # sequences per generation micro-batch (its KV cache's rows)
     # Generating engine (docs/architecture.md, "Generation"); vllm: text models, one engine per
-    # model replica, weights synced after every update; tis_cap then defaults to 2
+    # rank (the TP x PP ranks of a replica split a call's rows), weights synced after every
+    # update; tis_cap then defaults to 2
     engine: str = "megatron"  # megatron | vllm
-    tp: int = 1  # vllm: generation tensor parallelism (1: the replica's leader holds the model)
+    tp: int = 1  # vllm: generation tensor parallelism (only 1: every rank holds the whole model)
     kv_cache_gb: float = 0.5  # vllm: KV cache each engine reserves at start, GiB
 
 

@@ -17,7 +17,9 @@ from copd_mega.launch.gen_time import (
     call_time,
     engine_with,
     vllm_concurrency,
+    engine_shape,
     vllm_kv_budget,
+    vllm_setup,
 )
 from copd_mega.launch.hardware import Hardware, hardware
 from copd_mega.launch.plan import main as plan_main
@@ -81,6 +83,22 @@ def test_kv_budget_and_concurrency_by_hand():
     assert vllm_concurrency(c, 100, 10, 5) == 0
 
 
+def test_vllm_engines_are_the_trainers_one_per_rank():
+    """A vllm config predicts the engines the trainer runs: rollout.tp (1) GPUs each, so TP x PP
+    engines per DP replica, each with the config's rollout.kv_cache_gb; a megatron config asked
+    about vllm gets the budget its resident training state leaves."""
+    c = toy_cost()
+    eng = Engine("vllm", 0.5, 0.5, 0.5, 0.0, True, True, 0.5, "")
+    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "rollout.engine=vllm",
+                             "rollout.kv_cache_gb=0.25"])  # fmt: skip
+    assert vllm_setup(cfg, c, eng, 1e6, 1e5) == (1, 0.25 * 2**30)
+    shape, split = engine_shape(cfg, eng, c, 10, 5, 0.25 * 2**30, 1)
+    assert (shape.gpus, shape.stages, split) == (1, 1, 4)
+    megatron = load_config(None, ["parallel.tp=2"])
+    assert vllm_setup(megatron, c, eng, 1e6, 1e5) == (1, vllm_kv_budget(1e6, 1e5, c, 1, eng))
+    assert vllm_setup(megatron, c, eng, 1e6, 1e5, gen_tp=2)[0] == 2
+
+
 def test_branch_calls_follow_the_trainers_split():
     cfg = load_config(
         None, ["parallel.dp=2", "rollout.prompts_per_step=8", "opd.prompts_per_peer=3"]
@@ -127,7 +145,7 @@ def test_plan_prints_generation_per_engine_with_its_assumptions(capsys):
     max_new = load_config(REPO / "configs/copd_8branch.yaml").rollout.max_new_tokens
     assert f"responses {max_new} tokens at most, 1000 on average" in out
     assert "megatron: one sampler per DP replica: TP4" in out and "micro-batches of 32 rows" in out
-    assert "vllm: 1 engine(s) per DP replica of TP4" in out
+    assert "vllm: 4 engine(s) per DP replica of TP1" in out  # one per rank (rollout.tp=1)
     assert out.count("assumes prefill") == 2 and out.count("rl step (x300)") == 2
     assert "opd step (x200)" in out and "slowest branch text" in out  # the hub's peer calls
     _, slower, _ = _plan(

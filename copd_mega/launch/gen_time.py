@@ -232,6 +232,20 @@ def vllm_kv_budget(
     return max(per_gpu, 0.0) * gpus
 
 
+def vllm_setup(
+    cfg: Config, c: TokenCost, eng: Engine, gpu_bytes: float, resident_bytes: float, gen_tp: int = 0
+) -> tuple[int, float]:
+    """``(generation TP, KV budget bytes per engine)`` of the vllm engines the trainer would run
+    for ``cfg``: ``gen_tp`` when given, else ``rollout.tp`` (the trainer's: one engine per rank
+    at 1, each holding the whole model). A config that runs vllm reserves its
+    ``rollout.kv_cache_gb`` per engine; for a megatron config (``--engine vllm``: what switching
+    would give) the budget is what the resident training state leaves (:func:`vllm_kv_budget`)."""
+    gen_tp = gen_tp or cfg.rollout.tp
+    if cfg.rollout.engine == "vllm":
+        return gen_tp, cfg.rollout.kv_cache_gb * 2**30
+    return gen_tp, vllm_kv_budget(gpu_bytes, resident_bytes, c, gen_tp, eng)
+
+
 def branch_calls(
     cfg: Config, branch: str, step: StepPlan, mean_response: float, prompt_len: int, split: int = 1
 ) -> list[GenCall]:
@@ -301,7 +315,7 @@ def engine_shape(
     p = cfg.parallel
     if not eng.continuous:
         return EngineShape(p.tp, p.pp, cfg.rollout.max_batch_size), 1
-    gen_tp = gen_tp or p.tp
+    gen_tp = gen_tp or cfg.rollout.tp
     if (p.tp * p.pp) % gen_tp:
         raise ValueError(
             f"generation TP {gen_tp} does not divide a model replica's {p.tp * p.pp} GPUs "
@@ -311,7 +325,8 @@ def engine_shape(
     if rows < 1:
         raise ValueError(
             f"the vllm KV budget ({kv_budget_bytes / 2**30:.1f} GiB per engine) holds no row of "
-            f"{prompt_len} + {mean_response:g} positions; use a larger GPU or raise parallel.tp"
+            f"{prompt_len} + {mean_response:g} positions; raise rollout.kv_cache_gb, use a larger GPU "
+            "or shorten rollout.max_new_tokens"
         )
     return EngineShape(gen_tp, 1, rows), p.tp * p.pp // gen_tp
 

@@ -18,7 +18,7 @@ from copd_mega.launch.gen_time import (
     engine_shape,
     engine_with,
     predict_generation,
-    vllm_kv_budget,
+    vllm_setup,
 )
 from copd_mega.launch.hardware import GPUS, hardware
 from copd_mega.launch.memory import GIB, memory_parts, vision_params
@@ -53,7 +53,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         "vllm.forward_overhead_s=0.001",
     )  # fmt: skip
     ap.add_argument(
-        "--gen-tp", type=int, default=0, help="vllm generation TP (default parallel.tp)"
+        "--gen-tp",
+        type=int,
+        default=0,
+        help="vllm generation TP (default rollout.tp: one engine per rank)",
     )
 
 
@@ -155,9 +158,9 @@ def format_generation(cfg: Config, layout: Layout, args: argparse.Namespace) -> 
         lines.append("  not counted: teacher scoring, the update")
     plans = []
     for eng in engines.values():
-        budget = vllm_kv_budget(gpu_bytes, resident, c, args.gen_tp or cfg.parallel.tp, eng)
+        gen_tp, budget = vllm_setup(cfg, c, eng, gpu_bytes, resident, args.gen_tp)
         try:
-            shape, split = engine_shape(cfg, eng, c, prompt, mean, budget, args.gen_tp)
+            shape, split = engine_shape(cfg, eng, c, prompt, mean, budget, gen_tp)
         except ValueError as e:
             plans.append([f"  {eng.name}: unknown ({e})"])
             continue

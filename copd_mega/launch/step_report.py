@@ -13,7 +13,7 @@ import dataclasses
 
 from copd_mega.config import Config
 from copd_mega.launch.flops import token_cost
-from copd_mega.launch.gen_time import ENGINES, engine_shape, engine_with, vllm_kv_budget
+from copd_mega.launch.gen_time import ENGINES, engine_shape, engine_with, vllm_setup
 from copd_mega.launch.hardware import hardware
 from copd_mega.launch.measure import LAYERS_OUTSIDE, cpu_costs, measure_cpu, measured_costs
 from copd_mega.launch.memory import GIB, memory_parts, stage_params
@@ -78,9 +78,10 @@ def make_setting(cfg: Config, world: int, args: argparse.Namespace, hw=None) -> 
     if not engine.continuous:
         return Setting(hw, engine, assume, world)
     c = token_cost(cfg, cfg.parallel.tp)
-    gen_tp = getattr(args, "gen_tp", 0) or cfg.parallel.tp
     resident = sum(x.bytes for x in memory_parts(cfg) if x.name in RESIDENT)
-    budget = vllm_kv_budget(hw.memory_gib * GIB, resident, c, gen_tp, engine)
+    gen_tp, budget = vllm_setup(
+        cfg, c, engine, hw.memory_gib * GIB, resident, getattr(args, "gen_tp", 0)
+    )
     mean = assume.mean_response or cfg.rollout.max_new_tokens
     shape, split = engine_shape(cfg, engine, c, prompt_positions_bound(cfg), mean, budget, gen_tp)
     return Setting(hw, engine, assume, world, gen_shape=shape, gen_split=split)
