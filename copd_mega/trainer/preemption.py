@@ -7,6 +7,11 @@ in the store (``comm.wait_group``: no deadline, so a branch whose step ran tens 
 times nothing out), then joins one MAX all-reduce over the world of that flag and of global rank
 0's clock decisions (save / stop, ``trainer.clock``), so all ranks save and stop after the same
 step even when the signal reached only some of them.
+
+Ctrl-C (SIGINT) keeps its own handler (the command's: a KeyboardInterrupt where the rank is),
+chained behind one that remembers it: a rank whose KeyboardInterrupt was swallowed on the way
+(a broad ``except`` in a library) raises it again at its next step boundary, before it waits
+for any other rank.
 """
 
 from __future__ import annotations
@@ -28,15 +33,26 @@ class Preemption:
 
     def __init__(self) -> None:
         self.name = ""  # the signal received, or "" (set on a peer's request by ``agreed``)
+        self.interrupted = False  # a SIGINT reached this process
         self._old: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
         self.name = signal.Signals(signum).name
 
+    def _interrupt(self, signum: int, frame) -> None:
+        """Remember the Ctrl-C, then the handler that was there decides (KeyboardInterrupt)."""
+        self.interrupted = True
+        old = self._old.get(signal.SIGINT)
+        if callable(old):
+            old(signum, frame)
+        elif old != signal.SIG_IGN:
+            signal.default_int_handler(signum, frame)
+
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -53,6 +69,8 @@ class Preemption:
         rank 0 calls ``decide(slowest rank's step_s)`` -> (save, stop) and broadcasts it.
         ``device``: the rank's compute device (the tensors live there, as NCCL requires).
         """
+        if self.interrupted:  # its KeyboardInterrupt was swallowed: end here, before any wait
+            raise KeyboardInterrupt
         flag = torch.tensor([1.0 if self.name else 0.0, step_s], device=device)
         many = dist.is_initialized() and dist.get_world_size() > 1
         if many:
