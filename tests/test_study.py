@@ -54,8 +54,12 @@ def _check_comparisons(out: Path, report: str) -> None:
     """The headline pairs: per-seed differences recomputed from the runs' eval_problems.json,
     an interval around their mean, and the row in report.md before the accuracy table."""
     summary = {c["pair"]: c for c in json.loads((out / "summary.json").read_text())["comparisons"]}
-    assert sorted(summary) == ["CoPD branch arith - expert arith, own domain",
+    assert sorted(summary) == ["CoPD branch arith - base, own domain",
+                               "CoPD branch arith - expert arith, own domain",
+                               "CoPD branch reverse - base, own domain",
                                "CoPD branch reverse - expert reverse, own domain",
+                               "CoPD merged - base", "CoPD merged - base (arith)",
+                               "CoPD merged - base (reverse)",
                                "CoPD merged - experts merged"]  # fmt: skip
 
     def problems(mode: str, s: int) -> dict:
@@ -77,6 +81,14 @@ def _check_comparisons(out: Path, report: str) -> None:
     assert own["per_seed"] == pytest.approx([diff(problems("copd", s)["branch arith"]["arith"],
                                                   problems("expert", s)["branch arith"]["arith"])
                                              for s in (1, 2)])  # fmt: skip
+    # the shared base was evaluated once (in one run); every seed is paired with it
+    (base,) = [json.loads(f.read_text())["base"] for f in (out / "runs").glob("*/seed*/eval_problems.json")
+               if "base" in json.loads(f.read_text())]  # fmt: skip
+    gained = summary["CoPD merged - base (reverse)"]
+    assert gained["capabilities"] == ["reverse"]
+    assert gained["per_seed"] == pytest.approx(
+        [diff(problems("copd", s)["merged"]["reverse"], base["reverse"]) for s in (1, 2)]
+    )
     head = report.index("| CoPD merged - experts merged | arith, reverse | ")
     assert head < report.index("## Accuracy")
     row = report[head:].splitlines()[0]

@@ -89,13 +89,22 @@ def collect(out: Path, cfg: Config, runs) -> dict:
 
 
 def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str, str], list]]:
-    """(name, (run label, eval row) of A, of B, capabilities) of every pair that matters:
-    CoPD merged against mixed, static OPD and the merged experts; each CoPD branch against the
+    """(name, (run label, eval row) of A, of B, capabilities) of every pair that matters: each
+    CoPD branch against the base in its own domain, CoPD merged against the base (overall and
+    per capability), mixed, static OPD and the merged experts; each CoPD branch against the
     expert of its own domain."""
     labels, caps = {r.label for r in runs}, caps_of(cfg)
     if "copd" not in labels:
         return []
-    merged, specs = ("copd", "merged"), []
+    merged, base, specs = ("copd", "merged"), (BASE, "base"), []
+    # Against the shared base (evaluated once, in the study's first run): what each branch gained in its own
+    # domain, and whether the merge kept every capability (one row per capability).
+    for b in cfg.branches:
+        specs.append((f"CoPD branch {b.name} - base, own domain", ("copd", f"branch {b.name}"),
+                      base, capabilities_of(b.data)))  # fmt: skip
+    specs.append(("CoPD merged - base", merged, base, caps))
+    if len(caps) > 1:
+        specs += [(f"CoPD merged - base ({c})", merged, base, [c]) for c in caps]
     if "mixed" in labels:
         specs.append(("CoPD merged - mixed", merged, ("mixed", "final (mixed)"), caps))
     for b in cfg.branch_names:
@@ -111,23 +120,33 @@ def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str,
     return specs
 
 
+BASE = "<base>"  # pair_specs' run label of the shared base: the study's first run evaluated it
+
+
 def comparisons(cfg: Config, runs) -> list[dict]:
     """Every pair of :func:`pair_specs` with its paired differences and 95% interval (fractions);
     a pair whose runs lack ``eval_problems.json`` has ``missing`` instead."""
     by = {(r.label, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs})
+    first = next(r for r in runs if not r.same_as)
+
+    def problems(label: str, s: int) -> Path:
+        return (first.path if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
+
     out = []
     for name, (la, ra), (lb, rb), caps in pair_specs(cfg, runs):
-        files = [(_source(by[(la, s)]) / "eval_problems.json",
-                  _source(by[(lb, s)]) / "eval_problems.json") for s in seeds]  # fmt: skip
+        files = [(problems(la, s), problems(lb, s)) for s in seeds]
         missing = [str(f) for pair in files for f in pair if not f.exists()]
         if missing:
             out.append({"pair": name, "capabilities": caps, "missing": missing})
             continue
-        diffs = []
-        for fa, fb in files:
-            pa, pb = json.loads(fa.read_text())[ra], json.loads(fb.read_text())[rb]
-            diffs.append([align(pa[c], pb[c], f"{name}, {c}") for c in caps])
+        loaded = [(json.loads(fa.read_text()), json.loads(fb.read_text())) for fa, fb in files]
+        absent = [f"{f}: row {r!r}" for (fa, fb), (ja, jb) in zip(files, loaded, strict=True)
+                  for f, j, r in ((fa, ja, ra), (fb, jb, rb)) if r not in j]  # fmt: skip
+        if absent:  # e.g. the base, with eval.base=false
+            out.append({"pair": name, "capabilities": caps, "missing": absent})
+            continue
+        diffs = [[align(ja[ra][c], jb[rb][c], f"{name}, {c}") for c in caps] for ja, jb in loaded]
         d = paired_bootstrap(diffs)
         out.append({"pair": name, "capabilities": caps, "seeds": seeds, "mean": d.mean,
                     "lo": d.lo, "hi": d.hi, "per_seed": list(d.per_seed),
@@ -153,7 +172,7 @@ def comparison_lines(comps: list[dict]) -> list[str]:
         caps = ", ".join(c["capabilities"])
         if "missing" in c:
             lines.append(f"| {c['pair']} | {caps} | - | - | - | no per-problem results "
-                         f"({len(c['missing'])} eval_problems.json missing) |")  # fmt: skip
+                         f"({len(c['missing'])} missing: {c['missing'][0]}) |")  # fmt: skip
             continue
         per = " / ".join(f"{100 * v:+.1f}" for v in c["per_seed"])
         lines.append(f"| {c['pair']} | {caps} | {per} | {100 * c['mean']:+.1f} | "
