@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from copd_mega.config import load_config
+from copd_mega.launch.measure import RunnableSampler, median_time
 from copd_mega.models.branch import build_branch_model
 from copd_mega.models.step import optimizer_step, prepare_for_training, run_microbatches
 from copd_mega.parallel.dist import free_port, init_distributed
@@ -35,15 +34,8 @@ from copd_mega.rl.sampling import SamplingParams
 
 
 def best(fn, repeats: int) -> float:
-    """The median of ``repeats`` timings after one warm-up call: the cost under the machine's
-    current load, which is what runs beside it see (the step model scales it by the ranks)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """The median of ``repeats`` timings after one warm-up call (launch/measure.py)."""
+    return median_time(fn, repeats, warmup=True)
 
 
 def loss(mb: dict, logits: torch.Tensor):
@@ -116,8 +108,10 @@ def main() -> None:
     # at once make tiny matmuls wait for descheduled threads (measured: 114 ms against 5 ms
     # for one forward of the CPU study's model at load 16 with 2 threads against 1).
     torch.set_num_threads(args.threads)
-    costs = model_costs(args.config, args.repeats)
-    costs["collective_s"] = collective_s(args.repeats)
+    with RunnableSampler() as beside:
+        costs = model_costs(args.config, args.repeats)
+        costs["collective_s"] = collective_s(args.repeats)
+    costs["background_runnable"] = beside.background
     costs["load_average"] = os.getloadavg()[0]
     costs["config"] = args.config
     costs["threads"] = args.threads

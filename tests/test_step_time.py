@@ -165,3 +165,22 @@ def test_validation_table_against_a_run(tmp_path):
     pred = float(row[-2].split(" / ")[0])
     assert row[-2].endswith(" / 0.500") and row[-1] == f"{100 * (pred - 0.5) / 0.5:+.0f}% |"
     assert "step error: mean" in table
+
+
+def test_bench_costs_take_the_background_sampled_beside_the_bench(tmp_path):
+    from copd_mega.launch.measure import RunnableSampler, measured_costs
+
+    costs = {"decode_step_s": 0.003, "forward_s": 0.003, "forward_backward_s": 0.006,
+             "optimizer_step_s": 0.005, "collective_s": 5e-4}  # fmt: skip
+    path = tmp_path / "costs.json"
+    cpu = dataclasses.replace(HW, cores=2)
+    # the tasks that ran beside the bench, not the (lagging) load average
+    path.write_text(json.dumps({**costs, "background_runnable": 1.5, "load_average": 17.0}))
+    engine, assume, hw = measured_costs(str(path), ENGINES["megatron"], A, cpu)
+    assert hw.background_load == 1.5 and hw.latency_s == 5e-4
+    assert engine.forward_overhead_s == 0.003 and assume.pass_overhead_s == pytest.approx(0.002)
+    path.write_text(json.dumps({**costs, "load_average": 3.0}))  # a file from before: less itself
+    assert measured_costs(str(path), ENGINES["megatron"], A, cpu)[2].background_load == 2.0
+    with RunnableSampler(every_s=0.01) as s:
+        sum(i * i for i in range(300_000))
+    assert s.samples and s.background >= 0.0
