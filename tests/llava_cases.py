@@ -82,7 +82,7 @@ def prompts() -> tuple[list[list[int]], list[list[torch.Tensor]]]:
 
 def hf_inputs(sample: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same sample as HF LLaVA takes it: ``<image>`` repeated per image token, pixels."""
-    from copd_mega.models.vlm import normalize_images
+    from copd_mega.models.vlm_inputs import normalize_images
 
     ids, items = prompts()
     img = tokenizer_ids()["image"]
@@ -115,7 +115,7 @@ def _vlm_logits(model, cfg, topo) -> list[torch.Tensor]:
     """Full-vocabulary logits per sample, trimmed to each sample's own combined length."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from copd_mega.models.vlm import prepare_inputs
+    from copd_mega.models.vlm_inputs import prepare_inputs
 
     ids, items = prompts()
     batch = prepare_inputs(cfg, ids, items, tokenizer_ids()["image"])
@@ -161,7 +161,7 @@ def vlm_worker(rank: int, ckpt: str, fresh_save: str) -> dict:
 def _train_steps(cfg, topo) -> dict:
     """One optimizer step on a text-only batch (the ViT gets no gradient), one on a mixed one."""
     from copd_mega.models.branch import build_branch_model
-    from copd_mega.models.vlm import prepare_inputs
+    from copd_mega.models.vlm_inputs import prepare_inputs
 
     bm = build_branch_model(cfg, topo, lr=0.01)
     ids, items = prompts()
@@ -280,7 +280,8 @@ def checkpoint_logits_worker(rank: int, ckpt: str, overrides: list[str], ids, me
 
     from copd_mega.ckpt.checkpoint import load_model
     from copd_mega.config import load_config
-    from copd_mega.models.vlm import build_vlm, prepare_inputs
+    from copd_mega.models.vlm import build_vlm
+    from copd_mega.models.vlm_inputs import prepare_inputs
     from copd_mega.parallel.dist import init_distributed
     from copd_mega.parallel.topology import build_topology
 

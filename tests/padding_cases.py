@@ -84,7 +84,7 @@ def mixed_update(rank: int, overrides: list[str]) -> dict:
     row's log-probs alone and inside the mixed micro-batch; the padded form's error."""
     from copd_mega.models.multimodal import MediaSpec
     from copd_mega.models.step import run_microbatches
-    from copd_mega.models.vlm import batch_inputs
+    from copd_mega.models.vlm_inputs import batch_inputs
     from copd_mega.rl.batches import microbatches
     from copd_mega.rl.objective import make_loss_fn
     from copd_mega.rl.teacher_scores import score_sequences

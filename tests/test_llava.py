@@ -50,7 +50,7 @@ def runs(imported, tmp_path_factory) -> dict:
 def test_imported_config(imported):
     from copd_mega.ckpt.checkpoint import CONFIG_FILE
     from copd_mega.config import load_config
-    from copd_mega.models.vlm import image_token_count
+    from copd_mega.models.vlm_inputs import image_token_count
 
     cfg = load_config(imported / CONFIG_FILE)
     assert cfg.vision.enabled and (cfg.vision.image_size, cfg.vision.patch_size) == (32, 8)
@@ -143,7 +143,7 @@ def _check_processors(out: Path, auto_image, auto_processor) -> None:
     import numpy as np
     from PIL import Image
 
-    from copd_mega.models.vlm import normalize_images
+    from copd_mega.models.vlm_inputs import normalize_images
 
     pixels = (torch.rand(3, 32, 32) * 255).round().to(torch.uint8)
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -170,7 +170,7 @@ def test_export_of_megatron_tp2_checkpoint_matches_megatron_logits(runs, tmp_pat
 
 def test_prepare_inputs_positions_and_errors():
     from copd_mega.config import load_config
-    from copd_mega.models.vlm import PLACEHOLDER, prepare_inputs, with_placeholders
+    from copd_mega.models.vlm_inputs import PLACEHOLDER, prepare_inputs, with_placeholders
 
     cfg = load_config(None, ["vision.enabled=true", "model.vocab_size=101"])
     ids, items = prompts()

@@ -35,7 +35,7 @@ def test_video_frames_sampled_once_identical_in_rollout_and_training(tmp_path):
     from copd_mega.data.reader import ShardReader
     from copd_mega.launch.datasets import PromptCodec, make_reader, prepare_data, shard_paths
     from copd_mega.models.multimodal import MediaSpec, RowMedia, prompts_and_media
-    from copd_mega.models.vlm import normalize_images
+    from copd_mega.models.vlm_inputs import normalize_images
     from copd_mega.rl.batches import sequence_microbatches
 
     cfg = load_config(None, [*TINY_MM, f"run_dir={tmp_path}"])

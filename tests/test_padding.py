@@ -5,10 +5,9 @@ single-rank forward/backward (the real megatron model on gloo)."""
 import pytest
 import torch
 from padding_cases import LENGTHS, WIDTH, mixed_update, trimmed_gradients
-from test_dp_exact import _check
+from test_dp_exact import _check, check_grads
 
 from copd_mega.config import ConfigError, load_config
-from copd_mega.models.gpt import tp_slice
 from multiproc import spawn
 
 LAYERS = ["model.num_layers=2"]
@@ -72,17 +71,7 @@ def test_memory_settings_at_tp2_equal_the_plain_forward_backward(reference, sett
 
 
 def _vlm_check(ref: dict, res: dict) -> None:
-    for name, g in res["grads"].items():
-        want = ref["grads"][name]
-        split, dim, stride = res["meta"][name]
-        if split and res["tp"] > 1:
-            rows = g.shape[dim] * res["tp"] - want.shape[dim]  # vocabulary padding grows with TP
-            if rows:
-                want = torch.cat([want, want.new_zeros(rows, *want.shape[1:])], dim=dim)
-            want = tp_slice(want, res["tp"], res["tp_rank"], dim, stride)
-        assert g.shape == want.shape, name
-        err = (g - want).abs().max().item()
-        assert err <= 1e-4 * max(want.abs().max().item(), 1e-6), (name, err)
+    check_grads(ref, res, rel=1e-4, tied=False)
 
 
 @pytest.mark.multiproc
@@ -161,7 +150,7 @@ def test_logprob_chunk_is_sized_from_memory():
 
 def test_row_media_slices_and_device_inputs_equal_the_list_path():
     from copd_mega.models.multimodal import RowMedia
-    from copd_mega.models.vlm import batch_inputs, prepare_inputs
+    from copd_mega.models.vlm_inputs import batch_inputs, prepare_inputs
 
     cfg = load_config(None, ["vision.enabled=true", "vision.image_size=16", "vision.patch_size=8",
                              "model.max_seq_length=64"])  # fmt: skip

@@ -27,10 +27,10 @@ import torch
 
 from copd_mega.ckpt.offline import TensorSpec
 from copd_mega.config import Config, ModelConfig, VisionConfig
-from copd_mega.config_llava import llava_dir_fields, llava_fields, refuse  # noqa: F401
+from copd_mega.config_llava import VIT_NORM_EPS, llava_dir_fields, llava_fields, refuse  # noqa: F401
 from copd_mega.hf import mapping as mp
 from copd_mega.hf.families import hf_config
-from copd_mega.models.vlm import VIT_NORM_EPS, image_token_count
+from copd_mega.models.vlm_inputs import image_token_count
 
 LM, VIT, PROJ = "language_model.", "vision_model.", "vision_projection.encoder."
 VIT_LAYERS = VIT + "decoder.layers."

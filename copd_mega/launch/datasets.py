@@ -24,7 +24,7 @@ from copd_mega.data.synthetic import CAPABILITIES
 from copd_mega.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_ids
 from copd_mega.hf.init_from_hf import hf_init_dir, prepare_hf_init
 from copd_mega.hf.llava import IMAGE_TOKEN
-from copd_mega.models.vlm import with_placeholders
+from copd_mega.models.vlm_inputs import with_placeholders
 from copd_mega.parallel import comm
 
 
@@ -198,7 +198,7 @@ class PromptCodec:
 
     def prompt_ids(self, prompt: str, num_media: int = 0) -> list[int]:
         """``[bos] + ids(template.format(prompt=prompt))``, with one ``<image>`` per medium
-        after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`)."""
+        after ``<bos>`` (:func:`copd_mega.models.vlm_inputs.with_placeholders`)."""
         ids = [self.bos] + self._ids(self.template.format(prompt=prompt))
         return with_placeholders(ids, num_media, self.image, self.bos) if num_media else ids
 

@@ -24,7 +24,7 @@ from copd_mega.data.synthetic import CAPABILITIES, MEDIA_CAPABILITIES, longest_p
 from copd_mega.data.tokenizer import build_tokenizer
 from copd_mega.hf.init_from_hf import hf_init_dir
 from copd_mega.launch.datasets import ChatCodec, capabilities_of
-from copd_mega.models.vlm import image_token_count
+from copd_mega.models.vlm_inputs import image_token_count
 from copd_mega.parallel.topology import Layout, plan_layout
 from copd_mega.rl.schedule import StepPlan, build_plan
 

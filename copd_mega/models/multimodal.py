@@ -2,13 +2,13 @@
 
 A sample's media are its images (``[3, H, W]`` each) and its video's frames (``[F, 3, H, W]``,
 sampled once by the reader with ``data.media.frame_indices``; one medium of F tiles). The prompt
-gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.models.vlm.with_placeholders`).
+gets one ``<image>`` token per medium after ``<bos>`` (:func:`copd_mega.models.vlm_inputs.with_placeholders`).
 From then on the **same pixel tensors** are part of the rows: ``Rollouts.media`` ->
 ``Rows.media`` (GRPO/OPD rows) -> the exchange to the teacher -> each microbatch's ``media``,
 so no frame is ever sampled or decoded twice and the loop treats text and vision rows alike.
 
 :class:`RowMedia` holds the media of N rows as raw ``[0, 1]`` float32 (the CLIP normalisation
-is applied by :func:`copd_mega.models.vlm.batch_inputs` at each forward, identically everywhere).
+is applied by :func:`copd_mega.models.vlm_inputs.batch_inputs` at each forward, identically everywhere).
 A VLM branch model carries a :class:`MediaSpec` (``BranchModel.media_spec``) that turns a
 microbatch's tokens and media into ``LLaVAModel`` inputs; :func:`text_logits` runs the model and
 gathers its logits at ``text_positions``, so the result is token-aligned like a GPT's and
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config, ConfigError
-from copd_mega.models.vlm import VLMBatch, batch_inputs
+from copd_mega.models.vlm_inputs import VLMBatch, batch_inputs
 
 
 @dataclass
@@ -160,7 +160,7 @@ class MediaSpec:
     def inputs(self, tokens: Tensor, media: RowMedia, lengths: list[int] | None = None) -> VLMBatch:
         """``LLaVAModel`` inputs of rows ``tokens [B, S]`` (on the compute device) with their
         ``media`` (B rows, host) and real lengths (host ints; None: all S), on the tokens'
-        device: no host sync, no per-token Python (:func:`copd_mega.models.vlm.batch_inputs`)."""
+        device: no host sync, no per-token Python (:func:`copd_mega.models.vlm_inputs.batch_inputs`)."""
         return batch_inputs(self.cfg, tokens, media.pixels, media.tiles, media.per_row,
                             self.image_id, lengths)  # fmt: skip
 
@@ -171,7 +171,7 @@ def media_spec(cfg: Config, codec) -> MediaSpec | None:
 
 
 def text_logits(model, batch) -> Tensor:
-    """Token-aligned logits ``[B, S, V/TP]`` of a :class:`~copd_mega.models.vlm.VLMBatch`.
+    """Token-aligned logits ``[B, S, V/TP]`` of a :class:`~copd_mega.models.vlm_inputs.VLMBatch`.
 
     Runs ``LLaVAModel`` (logits ``[B, combined, V/TP]``, every TP rank its vocab shard) and
     gathers position ``text_positions[b, j]``, the logit that predicts token j+1 of row b.

@@ -2,7 +2,7 @@
 
 **KV-cached** (default): the image/video tokens are computed once, in the prefill. A prompt with
 media occupies ``c_i`` positions of the *combined* sequence (its text tokens plus
-``tiles x (image_size / patch_size)^2`` per medium, :func:`copd_mega.models.vlm.prepare_inputs`). The
+``tiles x (image_size / patch_size)^2`` per medium, :func:`copd_mega.models.vlm_inputs.prepare_inputs`). The
 decode loop runs in those combined coordinates, exactly like the text sampler with prompt
 length ``c_i``:
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from copd_mega.config import Config
-from copd_mega.models.vlm import prepare_inputs
+from copd_mega.models.vlm_inputs import prepare_inputs
 from copd_mega.parallel.topology import Topology
 from copd_mega.rl.micro_batches import (
     MicroBatch,
