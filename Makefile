@@ -29,10 +29,10 @@ demo-mm: $(STAMP)
 	$(VENV)/bin/copd demo --config configs/copd_mm_cpu.yaml --out runs/demo_mm --no-experts
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check copd_mega parallel data tests bench

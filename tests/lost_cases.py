@@ -143,6 +143,27 @@ def model_tensors(path: Path) -> dict[str, torch.Tensor]:
     return reader.read(dict.fromkeys(keys))
 
 
+METRIC_KEYS = ("loss", "reward", "accuracy", "grad_norm", "response_len", "entropy")
+
+
+def assert_same_run(a_dir: Path, b_dir: Path, rows: int) -> dict[tuple[str, int], dict]:
+    """Two runs of one config ended alike: the same ``rows`` metrics rows with equal
+    :data:`METRIC_KEYS` and ``edge/*`` values, equal eval.json and bit-equal final merged model
+    tensors. Returns ``b_dir``'s metrics rows."""
+    a, b = metrics_rows(a_dir), metrics_rows(b_dir)
+    assert sorted(a) == sorted(b) and len(a) == rows, (sorted(a), sorted(b))
+    for key in a:
+        for k in [*METRIC_KEYS, *(k for k in a[key] if k.startswith("edge/"))]:
+            assert a[key][k] == b[key][k], (key, k, a[key][k], b[key][k])
+    ta, tb = (json.loads((d / "eval.json").read_text()) for d in (a_dir, b_dir))
+    assert ta == tb
+    wa, wb = model_tensors(a_dir / "final" / "model"), model_tensors(b_dir / "final" / "model")
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    return b
+
+
 # ----------------------------------------------------------------------------- per-rank bodies
 
 

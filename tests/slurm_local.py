@@ -253,6 +253,25 @@ def start_local_slurm(cpus: int = 8, timeout_s: float = 300.0) -> LocalSlurm:
     return cluster
 
 
+def local_slurm_fixture(cpus: int, what: str):
+    """A module-scoped pytest fixture: a local Slurm whose node declares ``cpus`` CPUs, stopped
+    after the module; the module's tests are skipped (naming ``what``) where none can start."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def slurm():
+        try:
+            cluster = start_local_slurm(cpus=cpus)
+        except SlurmUnavailable as e:
+            pytest.skip(f"no local Slurm for {what}: {e}")
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+    return slurm
+
+
 def _node_state(cluster: LocalSlurm) -> str:
     try:
         res = run_until_stalled(["sinfo", "-h", "-o", "%t"], 60.0, env=cluster.env)

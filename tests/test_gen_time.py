@@ -15,9 +15,9 @@ from copd_mega.launch.gen_time import (
     GenCall,
     branch_calls,
     call_time,
+    engine_shape,
     engine_with,
     vllm_concurrency,
-    engine_shape,
     vllm_kv_budget,
     vllm_setup,
 )

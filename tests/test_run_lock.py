@@ -38,13 +38,19 @@ def _wait_for_holder(run: Path, proc: subprocess.Popen) -> dict:
     return _holder(run)
 
 
-def test_lock_names_the_holder_and_a_killed_holders_lock_is_released(tmp_path):
-    run = tmp_path / "run"
+def _hold(run: Path) -> subprocess.Popen:
+    """Another process that takes ``run``'s lock and keeps it (returns once it holds it)."""
     code = (f"from copd_mega.files.run_lock import lock_dir; lock_dir({str(run)!r}); "
             "print('held', flush=True); import time; time.sleep(600)")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_lock_names_the_holder_and_a_killed_holders_lock_is_released(tmp_path):
+    run = tmp_path / "run"
+    holder = _hold(run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirBusy) as busy:
             lock_dir(run)
         text = str(busy.value)
@@ -64,11 +70,8 @@ def test_lock_names_the_holder_and_a_killed_holders_lock_is_released(tmp_path):
 
 def test_data_pack_into_a_locked_run_stops(tmp_path):
     run = tmp_path / "run"
-    code = (f"from copd_mega.files.run_lock import lock_dir; lock_dir({str(run)!r}); "
-            "print('held', flush=True); import time; time.sleep(600)")  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    holder = _hold(run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         (tmp_path / "s.jsonl").write_text('{"prompt": "1+1", "answer": "2", "capability": "x"}\n')
         res = copd("data", "pack", "--jsonl", str(tmp_path / "s.jsonl"), "--media",
                    str(tmp_path), "--out", str(run / "data"))  # fmt: skip

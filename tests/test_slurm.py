@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from progress import run_until_stalled
-from slurm_local import SlurmUnavailable, start_local_slurm
+from slurm_local import local_slurm_fixture
 
 from copd_mega.launch.plan import main as plan_main
 from copd_mega.parallel.dist import free_port
@@ -100,16 +100,7 @@ def test_dry_run_env_var_uses_the_allocation_and_overrides(capsys):
     assert "(TP2 x PP2 x DP1 = 4 ranks)" in res.stdout
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        cluster = start_local_slurm(cpus=8)
-    except SlurmUnavailable as e:
-        pytest.skip(f"no local Slurm for the sbatch test: {e}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+slurm = local_slurm_fixture(cpus=8, what="the sbatch test")
 
 
 @pytest.mark.multiproc

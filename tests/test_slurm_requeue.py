@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
-import torch
-from lost_cases import error_lines, metrics_rows, model_tensors
-from slurm_local import SlurmUnavailable, start_local_slurm
+from lost_cases import assert_same_run, error_lines
+from slurm_local import local_slurm_fixture
 from test_slurm import CONFIG, CPU_OVERRIDES, REPO, SCRIPT, _clean_env
 
 from copd_mega.parallel.dist import free_port
@@ -24,7 +22,6 @@ from multiproc import spawn
 
 pytestmark = pytest.mark.multiproc
 
-KEYS = ("loss", "reward", "accuracy", "grad_norm", "response_len", "entropy")
 STEPS = 8
 # The script's config cut to 2 one-rank branches (text hub and a spoke) of a tiny text model.
 COMMON = [*CPU_OVERRIDES, "parallel.tp=1", "parallel.pp=1", "schedule.cycles=2",
@@ -53,16 +50,7 @@ ALLOC = [
 ]  # every allocation's output in one file
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        cluster = start_local_slurm(cpus=2)
-    except SlurmUnavailable as e:
-        pytest.skip(f"no local Slurm for the requeue tests: {e}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+slurm = local_slurm_fixture(cpus=2, what="the requeue tests")
 
 
 def _submit(slurm, tmp_path, minutes: int, overrides: list[str]) -> tuple[int, object]:
@@ -90,17 +78,7 @@ def test_a_job_longer_than_its_time_limit_finishes_over_several_allocations(slur
     run = tmp_path / "run"
     assert "(time limit: " in text and "requeueing job" in text, text[-3000:]
     assert "resumed from" in text and "final model (merged) saved to" in text
-    a, b = metrics_rows(whole), metrics_rows(run)
-    assert sorted(a) == sorted(b) and len(a) == 2 * STEPS
-    for key in a:
-        for k in [*KEYS, *(k for k in a[key] if k.startswith("edge/"))]:
-            assert a[key][k] == b[key][k], (key, k, a[key][k], b[key][k])
-    assert json.loads((whole / "eval.json").read_text()) == json.loads(
-        (run / "eval.json").read_text()
-    )
-    wa, wb = model_tensors(whole / "final" / "model"), model_tensors(run / "final" / "model")
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    assert_same_run(whole, run, rows=2 * STEPS)
 
 
 def test_an_error_on_one_rank_ends_every_rank_under_srun(slurm, tmp_path):

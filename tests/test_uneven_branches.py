@@ -11,22 +11,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from copd_cases import run_mode
-from lost_cases import TINY, TWO, _env, error_lines, metrics_rows, model_tensors, write_config
+from lost_cases import TINY, TWO, _env, assert_same_run, error_lines, write_config
 
 from copd_mega.parallel.dist import free_port
 from multiproc import spawn
 
 pytestmark = pytest.mark.multiproc
 
-KEYS = ("loss", "reward", "accuracy", "grad_norm", "response_len", "entropy")
 # One RL and one OPD step (the OPD step exchanges rollouts and scores between the branches).
 COMMON = [*TINY, TWO, "schedule.mode=copd", "schedule.cycles=1", "schedule.rl_steps=1",
           "schedule.opd_steps=1", "optim.lr=0.01", "optim.weight_decay=0.1"]  # fmt: skip
@@ -40,22 +37,12 @@ def test_a_branch_slower_than_the_collective_timeout_changes_nothing(tmp_path):
     slow = [f"parallel.collective_timeout_s={TIMEOUT_S}", "debug.slow_branch=reverse",
             f"debug.slow_step_s={SLOW_S}"]  # fmt: skip
     spawn(run_mode, 2, [*COMMON, *slow, f"run_dir={uneven}"])
-    a, b = metrics_rows(even), metrics_rows(uneven)
-    assert sorted(a) == sorted(b) and len(a) == 4
-    for key in a:
-        for k in [*KEYS, *(k for k in a[key] if k.startswith("edge/"))]:
-            assert a[key][k] == b[key][k], (key, k, a[key][k], b[key][k])
+    b = assert_same_run(even, uneven, rows=4)
     # the fast branch really waited longer than a collective may: at the step boundary (RL
     # step) or for the exchange with the slow branch (OPD step)
     waits = [b["arith", s].get("time/wait", 0) + b["arith", s].get("time/exchange", 0)
              for s in (0, 1)]  # fmt: skip
     assert all(w > TIMEOUT_S for w in waits), waits
-    ta, tb = (json.loads((d / "eval.json").read_text()) for d in (even, uneven))
-    assert ta == tb
-    wa, wb = model_tensors(even / "final" / "model"), model_tensors(uneven / "final" / "model")
-    assert sorted(wa) == sorted(wb)
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 def test_an_error_on_one_rank_ends_every_rank_under_torchrun(tmp_path):
