@@ -23,6 +23,7 @@ from copd_mega.launch.step_time import (
     assume_with,
     exchange_bytes,
     forward_time,
+    predict_run,
     predict_step,
     ring_allreduce_s,
 )
@@ -105,6 +106,26 @@ def test_hub_spoke_step_by_hand():
     assert late > 0 and spoke["merge"] == pytest.approx(hub["merge"] + late)
     # checkpoint: bf16 weights + 12 B of fp32 master and Adam per parameter at 1 MB/s, + 0.5 s
     assert hub["checkpoint"] == pytest.approx(p * 14 / 1e6 + 0.5) == spoke["checkpoint"]
+
+
+def test_time_based_checkpoints_are_spread_over_the_steps():
+    """checkpoint.every_minutes: one save per that many minutes of predicted steps."""
+    over = ["rollout.max_new_tokens=4", "schedule.cycles=1", "schedule.rl_steps=2",
+            "schedule.opd_steps=0", "branches=[{name: a, data: arith}]", "schedule.mode=expert"]  # fmt: skip
+    cfg = load_config(None, over)
+    timed = load_config(None, [*over, "checkpoint.every_minutes=0.001"])  # 0.06 s
+    steps = [StepPlan(i, 0, "rl", ("a",), (), i == 1) for i in range(2)]
+    c = token_cost(cfg)
+    plain = predict_run(cfg, setting(1), c, steps, 6, skip_first=False)["a"]
+    assert plain["checkpoint"] == 0.0
+    got = predict_run(timed, setting(1), c, steps, 6, skip_first=False)["a"]
+    step_s = sum(plain.values())
+    save = stage_params(cfg) * 14 / 1e6 + 0.5  # as in the hand case above
+    assert got["checkpoint"] == pytest.approx(min(1.0, step_s / 0.06) * save)
+    slow = load_config(None, [*over, "checkpoint.every_minutes=1000"])
+    share = step_s / 60000.0
+    got = predict_run(slow, setting(1), c, steps, 6, skip_first=False)["a"]
+    assert got["checkpoint"] == pytest.approx(share * save)
 
 
 def test_assume_overrides_and_errors():

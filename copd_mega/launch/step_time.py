@@ -34,7 +34,9 @@ one row of S positions = :func:`~copd_mega.launch.flops.prefill_flops` (2NS + 2L
   interconnect.
 * **checkpoint** (each ``checkpoint.every`` steps): the rank's weights (bf16/fp32) and fp32
   master + Adam moments (12 bytes per parameter, distributed over DP) at ``ckpt_bytes_per_s``,
-  + ``ckpt_fixed_s``.
+  + ``ckpt_fixed_s``. With ``checkpoint.every_minutes`` a save follows the first step that ends
+  that many minutes after the last one: :func:`predict_run` spreads one save per
+  ``every_minutes`` of predicted steps (at most one a step) over every step.
 * the merge (else the save, whose bookkeeping has barriers over all branches) also holds the
   **wait** for the last branch to finish its update (a hub trains on more rows).
 
@@ -285,9 +287,7 @@ def predict_step(
     ckpt = 0.0
     every = cfg.checkpoint.every
     if every and (step.step + 1) % every == 0:
-        elem = 4 if cfg.model.dtype == "fp32" else 2
-        per_rank = params * (elem + 12 / s.dp_of.get(names[0], cfg.parallel.dp))
-        ckpt = (per_rank / s.assume.ckpt_bytes_per_s + s.assume.ckpt_fixed_s) * s.slowdown
+        ckpt = save_s(cfg, s, names[0])
     # the merge (else the save's barriers) starts when the last branch has trained
     done = {b: (t2 + xfer[b] if opd else before[b]) + work[b]["train"][0] for b in names}
     last = max(done.values())
@@ -306,6 +306,15 @@ def predict_step(
         extra = 8 / 3 * params if merge else 0.0  # ring bytes out of a rank, fp32 x 2(n-1)/n
         out[b] = BranchStep({k: phase_s[k] for k in PHASES}, flops, sent[b] + extra)
     return out
+
+
+def save_s(cfg: Config, s: Setting, branch: str) -> float:
+    """Seconds of one checkpoint save on a rank of ``branch``: its stage's weights in the model
+    dtype and its DP share of the fp32 master and Adam moments, at ``ckpt_bytes_per_s``, plus
+    ``ckpt_fixed_s``."""
+    elem = 4 if cfg.model.dtype == "fp32" else 2
+    per_rank = stage_params(cfg) * (elem + 12 / s.dp_of.get(branch, cfg.parallel.dp))
+    return (per_rank / s.assume.ckpt_bytes_per_s + s.assume.ckpt_fixed_s) * s.slowdown
 
 
 def predict_run(
@@ -329,4 +338,11 @@ def predict_run(
         for b, bs in cache[key].items():
             for k in PHASES:
                 sums[b][k] += bs.phase_s[k]
-    return {b: {k: v / len(kept) for k, v in ph.items()} for b, ph in sums.items()}
+    means = {b: {k: v / len(kept) for k, v in ph.items()} for b, ph in sums.items()}
+    minutes = cfg.checkpoint.every_minutes
+    if minutes > 0:  # one save per `minutes` of (slowest-branch) steps, spread over the steps
+        step_s = max(sum(m.values()) for m in means.values())
+        share = min(1.0, step_s / (60.0 * minutes))
+        for b, m in means.items():
+            m["checkpoint"] += share * save_s(cfg, s, b)
+    return means
