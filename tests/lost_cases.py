@@ -148,8 +148,8 @@ METRIC_KEYS = ("loss", "reward", "accuracy", "grad_norm", "response_len", "entro
 
 def assert_same_run(a_dir: Path, b_dir: Path, rows: int) -> dict[tuple[str, int], dict]:
     """Two runs of one config ended alike: the same ``rows`` metrics rows with equal
-    :data:`METRIC_KEYS` and ``edge/*`` values, equal eval.json and bit-equal final merged model
-    tensors. Returns ``b_dir``'s metrics rows."""
+    :data:`METRIC_KEYS` and ``edge/*`` values, equal eval.json and eval_problems.json (every
+    row of the table) and bit-equal final merged model tensors. Returns ``b_dir``'s metrics rows."""
     a, b = metrics_rows(a_dir), metrics_rows(b_dir)
     assert sorted(a) == sorted(b) and len(a) == rows, (sorted(a), sorted(b))
     for key in a:
@@ -157,6 +157,9 @@ def assert_same_run(a_dir: Path, b_dir: Path, rows: int) -> dict[tuple[str, int]
             assert a[key][k] == b[key][k], (key, k, a[key][k], b[key][k])
     ta, tb = (json.loads((d / "eval.json").read_text()) for d in (a_dir, b_dir))
     assert ta == tb
+    # per-problem results of every row (the base too, also after a resume)
+    pa, pb = (json.loads((d / "eval_problems.json").read_text()) for d in (a_dir, b_dir))
+    assert pa == pb and sorted(pa) == sorted(ta)
     wa, wb = model_tensors(a_dir / "final" / "model"), model_tensors(b_dir / "final" / "model")
     assert sorted(wa) == sorted(wb)
     for k in wa:

@@ -140,9 +140,11 @@ def _say(message: str) -> None:
 
 def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
     """Restore the job when resuming (else cut its metrics back to step 0 and evaluate the base
-    model); the evaluation table so far (the base row, kept in RUN/eval_base.json)."""
+    model); the evaluation table so far (the base row, kept in RUN/eval_base.json, and its
+    per-problem results in RUN/eval_base_problems.json for the final eval_problems.json)."""
     cfg = job.cfg
     base_file = Path(cfg.run_dir) / "eval_base.json"
+    problems_file = Path(cfg.run_dir) / "eval_base_problems.json"
     if resuming:
         resumed = resume(job)
         sync_engine(job)  # the engine generates with the restored weights
@@ -152,13 +154,16 @@ def _start(job: BranchJob, resuming: bool) -> dict[str, dict[str, float]]:
         _say(f"resumed from {Path(cfg.run_dir) / 'checkpoints'}/step_"
              f"{job.state.next_step - 1:06d}: continuing at step {job.state.next_step} of "
              f"{len(job.plan)}")  # fmt: skip
+        if problems_file.exists():
+            job.problems["base"] = json.loads(problems_file.read_text())
         return json.loads(base_file.read_text()) if base_file.exists() else {}
     job.logger.cut_back(0)
     sync_engine(job)  # the starting weights (fresh or checkpoint.init_from)
     if not cfg.eval.base:
         return {}
     table = evaluate_shared_model(job, "base")
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # the problems first: a table on disk always has them
+        write_text_atomic(problems_file, json.dumps(job.problems["base"], sort_keys=True))
         write_text_atomic(base_file, json.dumps(table, indent=2))
     return table
 
