@@ -16,10 +16,16 @@ the others' last look. torchrun and srun (``--kill-on-bad-exit``) then see non-z
 
 If the store itself goes away (its host died), the monitor stops quietly: the launcher ends the
 job, and a wait that depends on the dead rank fails in ``comm``.
+
+The monitor is stopped at interpreter exit (``atexit``) when nothing stopped it before: a daemon
+thread still inside a store call while Python finalizes is ended by ``pthread_exit`` when it
+takes the GIL back, whose unwinding through the binding's C++ aborts the process ("terminate
+called without an active exception", SIGABRT) after the rank's work is done.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -35,6 +41,7 @@ ABORT_EXIT = 1  # exit code of the ranks ended by another rank's failure
 FLAG, ACKS = "abort/count", "abort/acks"
 
 _monitor: Monitor | None = None
+_at_exit: list[bool] = []  # non-empty once stop() is registered to run at exit
 
 
 class Monitor(threading.Thread):
@@ -55,7 +62,7 @@ class Monitor(threading.Thread):
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(ABORT_EXIT)  # the failing rank prints the error; this one ends
-                time.sleep(BEAT_S)
+                self.quiet.wait(BEAT_S)  # wakes at once when stopped
         except Exception:  # the store is gone (its host ended): the launcher ends the job
             return
 
@@ -69,6 +76,9 @@ def start() -> None:
     stop()
     _monitor = Monitor(st.clone(), dist.get_rank(), dist.get_world_size())
     _monitor.start()
+    if not _at_exit:
+        atexit.register(stop)  # before finalization, whoever forgot to stop it
+        _at_exit.append(True)
 
 
 def stop() -> None:
