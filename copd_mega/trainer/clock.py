@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from copd_mega.config import Config, ConfigError
 
+SQUEUE_TIMEOUT_S = 10.0  # rank 0 waits this long for squeue at a boundary, then uses the env
 REQUERY_S = 600.0  # how often rank 0 asks Slurm again (an administrator may move the end)
 
 
@@ -37,7 +38,7 @@ def slurm_end(environ: dict[str, str] | None = None) -> float | None:
         return None
     try:
         res = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True,
-                             text=True, timeout=60, env=dict(env))  # fmt: skip
+                             text=True, timeout=SQUEUE_TIMEOUT_S, env=dict(env))  # fmt: skip
         text = res.stdout.strip() if res.returncode == 0 else ""
     except (OSError, subprocess.TimeoutExpired):
         text = ""
