@@ -41,7 +41,6 @@ ABORT_EXIT = 1  # exit code of the ranks ended by another rank's failure
 FLAG, ACKS = "abort/count", "abort/acks"
 
 _monitor: Monitor | None = None
-_at_exit: list[bool] = []  # non-empty once stop() is registered to run at exit
 
 
 class Monitor(threading.Thread):
@@ -76,13 +75,11 @@ def start() -> None:
     stop()
     _monitor = Monitor(st.clone(), dist.get_rank(), dist.get_world_size())
     _monitor.start()
-    if not _at_exit:
-        atexit.register(stop)  # before finalization, whoever forgot to stop it
-        _at_exit.append(True)
 
 
 def stop() -> None:
-    """Stop the monitor before an orderly end (``runtime.shutdown``)."""
+    """Stop the monitor before an orderly end (``runtime.shutdown``; at interpreter exit
+    otherwise, see the module docstring). A no-op when none runs."""
     global _monitor
     if _monitor is not None:
         _monitor.quiet.set()
@@ -119,3 +116,6 @@ def await_acknowledgements(timeout_s: float = ACK_WAIT_S) -> None:
             time.sleep(0.1)
     except Exception:
         return
+
+
+atexit.register(stop)  # before finalization, whoever forgot to stop the monitor
