@@ -60,7 +60,11 @@ def _check_comparisons(out: Path, report: str) -> None:
                                "CoPD branch reverse - expert reverse, own domain",
                                "CoPD merged - base", "CoPD merged - base (arith)",
                                "CoPD merged - base (reverse)",
-                               "CoPD merged - experts merged"]  # fmt: skip
+                               "CoPD merged - experts merged",
+                               "expert arith - base, own domain",
+                               "expert reverse - base, own domain",
+                               "experts merged - base", "experts merged - base (arith)",
+                               "experts merged - base (reverse)"]  # fmt: skip
 
     def problems(mode: str, s: int) -> dict:
         return json.loads((out / "runs" / mode / f"seed{s}" / "eval_problems.json").read_text())
@@ -88,6 +92,10 @@ def _check_comparisons(out: Path, report: str) -> None:
     assert gained["capabilities"] == ["reverse"]
     assert gained["per_seed"] == pytest.approx(
         [diff(problems("copd", s)["merged"]["reverse"], base["reverse"]) for s in (1, 2)]
+    )
+    lost = summary["experts merged - base (arith)"]
+    assert lost["per_seed"] == pytest.approx(
+        [diff(problems("expert", s)["merged"]["arith"], base["arith"]) for s in (1, 2)]
     )
     head = report.index("| CoPD merged - experts merged | arith, reverse | ")
     assert head < report.index("## Accuracy")

@@ -88,23 +88,32 @@ def collect(out: Path, cfg: Config, runs) -> dict:
     return {"capabilities": caps, "seeds": seeds, "rows": rows}
 
 
+def _vs_base(cfg: Config, label: str, title: str, merged_title: str) -> list:
+    """Each branch of run ``label`` against the shared base in its own domain, and its merged
+    model against the base overall and per capability."""
+    caps, base = caps_of(cfg), (BASE, "base")
+    specs = [(f"{title} {b.name} - base, own domain", (label, f"branch {b.name}"), base,
+              capabilities_of(b.data)) for b in cfg.branches]  # fmt: skip
+    specs.append((f"{merged_title} - base", (label, "merged"), base, caps))
+    if len(caps) > 1:
+        specs += [(f"{merged_title} - base ({c})", (label, "merged"), base, [c]) for c in caps]
+    return specs
+
+
 def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str, str], list]]:
     """(name, (run label, eval row) of A, of B, capabilities) of every pair that matters: each
-    CoPD branch against the base in its own domain, CoPD merged against the base (overall and
-    per capability), mixed, static OPD and the merged experts; each CoPD branch against the
-    expert of its own domain."""
+    CoPD branch (and each expert) against the base in its own domain, CoPD merged (and the
+    merged experts) against the base overall and per capability; CoPD merged against mixed,
+    static OPD and the merged experts; each CoPD branch against the expert of its own domain."""
     labels, caps = {r.label for r in runs}, caps_of(cfg)
+    # Against the shared base (evaluated once, in the study's first run): what each branch gained
+    # in its own domain, and whether the merge kept every capability (one row per capability).
+    specs = _vs_base(cfg, "copd", "CoPD branch", "CoPD merged") if "copd" in labels else []
+    if "expert" in labels:
+        specs += _vs_base(cfg, "expert", "expert", "experts merged")
     if "copd" not in labels:
-        return []
-    merged, base, specs = ("copd", "merged"), (BASE, "base"), []
-    # Against the shared base (evaluated once, in the study's first run): what each branch gained in its own
-    # domain, and whether the merge kept every capability (one row per capability).
-    for b in cfg.branches:
-        specs.append((f"CoPD branch {b.name} - base, own domain", ("copd", f"branch {b.name}"),
-                      base, capabilities_of(b.data)))  # fmt: skip
-    specs.append(("CoPD merged - base", merged, base, caps))
-    if len(caps) > 1:
-        specs += [(f"CoPD merged - base ({c})", merged, base, [c]) for c in caps]
+        return specs
+    merged = ("copd", "merged")
     if "mixed" in labels:
         specs.append(("CoPD merged - mixed", merged, ("mixed", "final (mixed)"), caps))
     for b in cfg.branch_names:
