@@ -134,6 +134,15 @@ def test_study_two_modes_two_seeds_writes_the_report_from_the_runs(tmp_path):
     assert again.stdout.count("finished before: skipped") == 4
     _check_table(out, (out / "report.md").read_text())
     assert (out / "report.md").read_text() != report
+    # The same study continued with only the mode whose runs did not evaluate the base: its
+    # report still pairs every run with the shared base (found in the other mode's run).
+    (with_base,) = [f.parent.parent.name for f in evals if "base" in json.loads(f.read_text())]
+    other = "expert" if with_base == "copd" else "copd"
+    _study(tmp_path, out, other, "1,2", timeout=120)
+    rows = {c["pair"]: c for c in json.loads((out / "summary.json").read_text())["comparisons"]}
+    merged = "CoPD merged - base" if other == "copd" else "experts merged - base"
+    assert "missing" not in rows[merged] and len(rows[merged]["per_seed"]) == 2, rows[merged]
+    assert "| base |" in (out / "report.md").read_text()
 
 
 def test_study_names_bad_input_in_one_line(tmp_path):

@@ -57,14 +57,25 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return m, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def base_run(out: Path, runs) -> Path:
+    """The run directory that evaluated the shared base: the study's first run, else (a study
+    continued with other modes, whose first run evaluated it) any run under ``out/runs`` whose
+    eval.json has the base row; every run of a study starts from the same base."""
+    first = next(r for r in runs if not r.same_as).path
+    for d in [first, *sorted((out / "runs").glob("*/seed*"))]:
+        f = d / "eval.json"
+        if f.exists() and "base" in json.loads(f.read_text()):
+            return d
+    return first
+
+
 def collect(out: Path, cfg: Config, runs) -> dict:
     """Every table number per seed, read from the runs' eval.json files."""
     caps = caps_of(cfg)
     by = {(r.label, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs})
     rows: dict = {}
-    first = next(r for r in runs if not r.same_as)
-    base_file = first.path / "eval.json"
+    base_file = base_run(out, runs) / "eval.json"
     base = json.loads(base_file.read_text()).get("base") if base_file.exists() else None
     if base:
         src = str(base_file.relative_to(out))
@@ -132,15 +143,15 @@ def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str,
 BASE = "<base>"  # pair_specs' run label of the shared base: the study's first run evaluated it
 
 
-def comparisons(cfg: Config, runs) -> list[dict]:
+def comparisons(out: Path, cfg: Config, runs) -> list[dict]:
     """Every pair of :func:`pair_specs` with its paired differences and 95% interval (fractions);
     a pair whose runs lack ``eval_problems.json`` has ``missing`` instead."""
     by = {(r.label, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs})
-    first = next(r for r in runs if not r.same_as)
+    base = base_run(out, runs)
 
     def problems(label: str, s: int) -> Path:
-        return (first.path if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
+        return (base if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
 
     out = []
     for name, (la, ra), (lb, rb), caps in pair_specs(cfg, runs):
@@ -256,7 +267,7 @@ def write_report(out: Path, cfg: Config, runs, shared: int) -> Path:
     """Write summary.json, the plots and report.md (each beside, then swapped in)."""
 
     data = collect(out, cfg, runs)
-    comps = comparisons(cfg, runs)
+    comps = comparisons(out, cfg, runs)
     times = wall_times(out, runs)
     plots = plot_curves(out, cfg, runs)
     summary = {**data, "comparisons": comps, "wall_time": times}
