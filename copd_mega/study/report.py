@@ -140,7 +140,7 @@ def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str,
     return specs
 
 
-BASE = "<base>"  # pair_specs' run label of the shared base: the study's first run evaluated it
+BASE = "<base>"  # pair_specs' run label of the shared base (its evaluation: base_run)
 
 
 def comparisons(out: Path, cfg: Config, runs) -> list[dict]:
@@ -153,25 +153,25 @@ def comparisons(out: Path, cfg: Config, runs) -> list[dict]:
     def problems(label: str, s: int) -> Path:
         return (base if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
 
-    out = []
+    rows = []
     for name, (la, ra), (lb, rb), caps in pair_specs(cfg, runs):
         files = [(problems(la, s), problems(lb, s)) for s in seeds]
         missing = [str(f) for pair in files for f in pair if not f.exists()]
         if missing:
-            out.append({"pair": name, "capabilities": caps, "missing": missing})
+            rows.append({"pair": name, "capabilities": caps, "missing": missing})
             continue
         loaded = [(json.loads(fa.read_text()), json.loads(fb.read_text())) for fa, fb in files]
         absent = [f"{f}: row {r!r}" for (fa, fb), (ja, jb) in zip(files, loaded, strict=True)
                   for f, j, r in ((fa, ja, ra), (fb, jb, rb)) if r not in j]  # fmt: skip
         if absent:  # e.g. the base, with eval.base=false
-            out.append({"pair": name, "capabilities": caps, "missing": absent})
+            rows.append({"pair": name, "capabilities": caps, "missing": absent})
             continue
         diffs = [[align(ja[ra][c], jb[rb][c], f"{name}, {c}") for c in caps] for ja, jb in loaded]
         d = paired_bootstrap(diffs)
-        out.append({"pair": name, "capabilities": caps, "seeds": seeds, "mean": d.mean,
-                    "lo": d.lo, "hi": d.hi, "per_seed": list(d.per_seed),
-                    "contains_zero": d.contains_zero})  # fmt: skip
-    return out
+        rows.append({"pair": name, "capabilities": caps, "seeds": seeds, "mean": d.mean,
+                     "lo": d.lo, "hi": d.hi, "per_seed": list(d.per_seed),
+                     "contains_zero": d.contains_zero})  # fmt: skip
+    return rows
 
 
 def reading(c: dict) -> str:
