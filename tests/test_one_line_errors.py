@@ -177,6 +177,12 @@ def test_undecodable_shard_member_is_named_without_an_object_repr():
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
+def _default_sigint() -> None:
+    """SIGINT as a terminal's job has it: a test suite started in the background by a
+    non-interactive shell inherits it ignored, and a Ctrl-C would then reach no rank."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch_ranks(cfg: Path, world: int, log) -> list[subprocess.Popen]:
     """``copd train`` on ``world`` ranks as srun starts them (one process per rank, RANK/
     WORLD_SIZE set), all in one new process group, as a terminal's Ctrl-C reaches them."""
@@ -190,6 +196,7 @@ def _launch_ranks(cfg: Path, world: int, log) -> list[subprocess.Popen]:
             [sys.executable, "-m", "copd_mega.cli", "train", "--config", str(cfg)],
             stdout=log, stderr=subprocess.STDOUT, env={**env, "RANK": str(rank),
             "LOCAL_RANK": str(rank)}, process_group=procs[0].pid if procs else 0,
+            preexec_fn=_default_sigint,
         ))  # fmt: skip
     return procs
 

@@ -9,7 +9,8 @@ times nothing out), then joins one MAX all-reduce over the world of that flag an
 step even when the signal reached only some of them.
 
 Ctrl-C (SIGINT) keeps its own handler (the command's: a KeyboardInterrupt where the rank is),
-chained behind one that remembers it: a rank whose KeyboardInterrupt was swallowed on the way
+chained behind one that remembers it (unless SIGINT is ignored, as in a job started in the
+background by a non-interactive shell: then it stays ignored, as the command leaves it): a rank whose KeyboardInterrupt was swallowed on the way
 (a broad ``except`` in a library) raises it again at its next step boundary, before it waits
 for any other rank.
 """
@@ -52,7 +53,8 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
-            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+            if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:  # an ignored Ctrl-C stays so
+                self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
