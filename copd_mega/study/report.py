@@ -69,13 +69,14 @@ def base_run(out: Path, runs) -> Path:
     return first
 
 
-def collect(out: Path, cfg: Config, runs) -> dict:
-    """Every table number per seed, read from the runs' eval.json files."""
+def collect(out: Path, cfg: Config, runs, base_dir: Path) -> dict:
+    """Every table number per seed, read from the runs' eval.json files (the base's from
+    ``base_dir``, :func:`base_run`)."""
     caps = caps_of(cfg)
     by = {(r.label, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs})
     rows: dict = {}
-    base_file = base_run(out, runs) / "eval.json"
+    base_file = base_dir / "eval.json"
     base = json.loads(base_file.read_text()).get("base") if base_file.exists() else None
     if base:
         src = str(base_file.relative_to(out))
@@ -117,8 +118,8 @@ def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str,
     merged experts) against the base overall and per capability; CoPD merged against mixed,
     static OPD and the merged experts; each CoPD branch against the expert of its own domain."""
     labels, caps = {r.label for r in runs}, caps_of(cfg)
-    # Against the shared base (evaluated once, in the study's first run): what each branch gained
-    # in its own domain, and whether the merge kept every capability (one row per capability).
+    # Against the shared base (evaluated once, see base_run): what each branch gained in its own
+    # domain, and whether the merge kept every capability (one row per capability).
     specs = _vs_base(cfg, "copd", "CoPD branch", "CoPD merged") if "copd" in labels else []
     if "expert" in labels:
         specs += _vs_base(cfg, "expert", "expert", "experts merged")
@@ -143,15 +144,15 @@ def pair_specs(cfg: Config, runs) -> list[tuple[str, tuple[str, str], tuple[str,
 BASE = "<base>"  # pair_specs' run label of the shared base (its evaluation: base_run)
 
 
-def comparisons(out: Path, cfg: Config, runs) -> list[dict]:
+def comparisons(cfg: Config, runs, base_dir: Path) -> list[dict]:
     """Every pair of :func:`pair_specs` with its paired differences and 95% interval (fractions);
-    a pair whose runs lack ``eval_problems.json`` has ``missing`` instead."""
+    a pair whose runs lack ``eval_problems.json`` has ``missing`` instead. ``base_dir``: the run
+    that evaluated the shared base (:func:`base_run`)."""
     by = {(r.label, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs})
-    base = base_run(out, runs)
 
     def problems(label: str, s: int) -> Path:
-        return (base if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
+        return (base_dir if label == BASE else _source(by[(label, s)])) / "eval_problems.json"
 
     rows = []
     for name, (la, ra), (lb, rb), caps in pair_specs(cfg, runs):
@@ -266,8 +267,9 @@ def markdown(data: dict, times: dict, plots: list[str], shared: int, comps: list
 def write_report(out: Path, cfg: Config, runs, shared: int) -> Path:
     """Write summary.json, the plots and report.md (each beside, then swapped in)."""
 
-    data = collect(out, cfg, runs)
-    comps = comparisons(out, cfg, runs)
+    base_dir = base_run(out, runs)  # read once: every eval.json until one has the base row
+    data = collect(out, cfg, runs, base_dir)
+    comps = comparisons(cfg, runs, base_dir)
     times = wall_times(out, runs)
     plots = plot_curves(out, cfg, runs)
     summary = {**data, "comparisons": comps, "wall_time": times}

@@ -9,10 +9,10 @@ times nothing out), then joins one MAX all-reduce over the world of that flag an
 step even when the signal reached only some of them.
 
 Ctrl-C (SIGINT) keeps its own handler (the command's: a KeyboardInterrupt where the rank is),
-chained behind one that remembers it (unless SIGINT is ignored, as in a job started in the
-background by a non-interactive shell: then it stays ignored, as the command leaves it): a rank whose KeyboardInterrupt was swallowed on the way
+chained behind one that remembers it: a rank whose KeyboardInterrupt was swallowed on the way
 (a broad ``except`` in a library) raises it again at its next step boundary, before it waits
-for any other rank.
+for any other rank. An ignored SIGINT (a job started in the background by a non-interactive
+shell) stays ignored, as the command leaves it.
 """
 
 from __future__ import annotations
